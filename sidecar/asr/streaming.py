@@ -1,0 +1,274 @@
+"""Streaming recognition for one speaker on top of whole-utterance decodes.
+
+The speaker pipeline tells the stream where utterances begin, pause and end;
+the stream turns that into interim hypotheses (re-decodes of the growing
+utterance, merged by :class:`~sidecar.asr.stable.StablePrefix` so the start
+never flickers) and exactly one final per utterance. The final decode is
+started speculatively when the speaker pauses; if the pause turns out to be
+the end, the final is ready almost as soon as the silence is confirmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from sidecar.asr.base import Hypothesis, ProviderError, Recognizer, Request, ResultCallback
+from sidecar.asr.filters import DecodeResult, clean
+from sidecar.asr.scheduler import Superseded
+from sidecar.asr.stable import StablePrefix
+
+log = logging.getLogger(__name__)
+
+SR = 16000
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamOptions:
+    interim_results: bool = True
+    first_interim_ms: int = 400  # speech needed before the first interim
+    interim_step_ms: int = 400  # new audio needed between interims
+
+
+class _Utterance:
+    def __init__(self, utt_id: str, audio: np.ndarray) -> None:
+        self.id = utt_id
+        self.chunks: list[np.ndarray] = [audio] if len(audio) else []
+        self.length = len(audio)
+        self.onset = len(audio)  # samples of pre-roll before speech was detected
+        self.stable = StablePrefix()
+        self.last_interim_len = 0
+        self.interim_task: asyncio.Task[None] | None = None
+        self.last_interim_text = ""
+        self.interims_sent = 0
+        self.prefinal: asyncio.Task[DecodeResult] | None = None
+        self.prefinal_len = 0
+        self.paused = False
+        self.done = False
+
+    def push(self, audio: np.ndarray) -> None:
+        if len(audio):
+            self.chunks.append(audio)
+            self.length += len(audio)
+
+    def snapshot(self, n: int | None = None) -> np.ndarray:
+        if len(self.chunks) > 1:
+            self.chunks = [np.concatenate(self.chunks)]
+        if not self.chunks:
+            return np.zeros(0, np.float32)
+        a = self.chunks[0]
+        return a if n is None else a[:n]
+
+
+class DecodingStream:
+    """Audio in, interims and one final per utterance out (via ``on_result``)."""
+
+    def __init__(
+        self,
+        recognizer: Recognizer,
+        *,
+        language: str,
+        on_result: ResultCallback,
+        options: StreamOptions | None = None,
+    ) -> None:
+        self.recognizer = recognizer
+        self.language = language
+        self.on_result = on_result
+        self.options = options or StreamOptions()
+        self._utt: _Utterance | None = None
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._final_chain: asyncio.Task[None] | None = None
+        self.closed = False
+
+    # -- driven by the speaker pipeline ------------------------------------
+    def begin(self, utt_id: str, audio: np.ndarray) -> None:
+        if self._utt is not None and not self._utt.done:
+            self.end(self._utt.length)
+        self._utt = _Utterance(utt_id, audio)
+
+    def push(self, audio: np.ndarray) -> None:
+        u = self._utt
+        if u is None or u.done:
+            return
+        u.push(audio)
+        if u.paused:
+            return
+        self._maybe_interim(u)
+
+    def pause(self) -> None:
+        u = self._utt
+        if u is None or u.done or u.paused:
+            return
+        u.paused = True
+        if u.prefinal is None:
+            u.prefinal_len = u.length
+            u.prefinal = self._spawn(self._decode(u, "final", u.snapshot(u.length)))
+
+    def resume(self) -> None:
+        u = self._utt
+        if u is None or u.done:
+            return
+        u.paused = False
+        if u.prefinal is not None:
+            u.prefinal.cancel()
+            u.prefinal = None
+        self._maybe_interim(u)
+
+    def end(self, keep_samples: int, *, discard: bool = False) -> None:
+        """Finish the current utterance; its final comes through on_result.
+
+        ``discard``: too short to be speech; no final unless interims were
+        shown (then an empty final clears them).
+        """
+        u = self._utt
+        if u is None or u.done:
+            return
+        u.done = True
+        if u.interim_task is not None:
+            u.interim_task.cancel()
+        if discard and u.interims_sent == 0:
+            if u.prefinal is not None:
+                u.prefinal.cancel()
+            return
+        keep = max(0, min(keep_samples, u.length))
+        prev = self._final_chain
+        self._final_chain = self._spawn(self._finish(u, keep, discard, prev))
+
+    def set_language(self, language: str) -> None:
+        self.language = language
+
+    async def drain(self) -> None:
+        """Wait until every final that was started has been delivered."""
+        while self._final_chain is not None and not self._final_chain.done():
+            await asyncio.wait({self._final_chain})
+
+    async def aclose(self) -> None:
+        self.closed = True
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    # -- internals ---------------------------------------------------------
+    def _spawn(self, coro):  # type: ignore[no-untyped-def]
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _decode(self, u: _Utterance, kind: str, audio: np.ndarray) -> DecodeResult:
+        return await self.recognizer.recognize(
+            Request(audio=audio, language=self.language, kind=kind, key=self)
+        )
+
+    def _maybe_interim(self, u: _Utterance) -> None:
+        o = self.options
+        if not o.interim_results or u.interim_task is not None:
+            return
+        if u.length - u.onset < o.first_interim_ms * SR // 1000:
+            return
+        if u.length - u.last_interim_len < o.interim_step_ms * SR // 1000:
+            return
+        u.interim_task = self._spawn(self._interim(u))
+
+    async def _interim(self, u: _Utterance) -> None:
+        n = u.length
+        u.last_interim_len = n
+        try:
+            result = await self._decode(u, "interim", u.snapshot(n))
+        except (Superseded, asyncio.CancelledError):
+            return
+        except ProviderError as e:
+            log.debug("interim failed: %s", e)
+            return
+        finally:
+            u.interim_task = None
+        if u.done or self.closed:
+            return
+        text = clean(result, speech_ms=(n - u.onset) * 1000 // SR)
+        if text:
+            merged, stability = u.stable.update(text)
+            if merged != u.last_interim_text:
+                u.last_interim_text = merged
+                u.interims_sent += 1
+                self.on_result(
+                    Hypothesis(
+                        u.id,
+                        merged,
+                        is_final=False,
+                        stability=stability,
+                        confidence=_confidence(result),
+                        language=self._reported_language(result),
+                    )
+                )
+        if not u.paused:
+            self._maybe_interim(u)
+
+    async def _finish(
+        self,
+        u: _Utterance,
+        keep: int,
+        discard: bool,
+        prev: asyncio.Task[None] | None,
+    ) -> None:
+        result: DecodeResult | None = None
+        error = ""
+        if not discard:
+            try:
+                if u.prefinal is not None and u.prefinal_len >= keep:
+                    result = await u.prefinal
+                else:
+                    if u.prefinal is not None:
+                        u.prefinal.cancel()
+                    result = await self._decode(u, "final", u.snapshot(keep))
+            except asyncio.CancelledError:
+                if self.closed:
+                    raise
+                error = "cancelled"
+            except (ProviderError, Superseded) as e:
+                error = str(e) or type(e).__name__
+                log.warning("final for utterance %s failed: %s", u.id, error)
+        if prev is not None and not prev.done():
+            # finals of one speaker leave in the order their utterances ended
+            with contextlib.suppress(Exception):
+                await asyncio.shield(prev)
+        if result is not None:
+            speech_ms = max(0, keep - u.onset) * 1000 // SR + 200
+            text = clean(result, speech_ms=speech_ms)
+            confidence = _confidence(result)
+            language = self._reported_language(result)
+        else:
+            # the provider failed: keep what the viewers already saw
+            text = u.last_interim_text
+            confidence = 0.0
+            language = self.language
+        if not text and u.interims_sent == 0:
+            return
+        extra: dict[str, object] = {"audio_ms": keep * 1000 // SR}
+        if error:
+            extra["error"] = error
+        self.on_result(
+            Hypothesis(
+                u.id,
+                text,
+                is_final=True,
+                stability=1.0,
+                confidence=confidence,
+                language=language,
+                extra=extra,
+            )
+        )
+
+    def _reported_language(self, result: DecodeResult) -> str:
+        if self.language == "auto" and result.language:
+            return result.language
+        return self.language
+
+
+def _confidence(result: DecodeResult) -> float:
+    return float(np.clip(np.exp(result.avg_logprob), 0.0, 1.0))

@@ -1,0 +1,295 @@
+"""One participant's audio: reorder ▸ gate ▸ decode ▸ VAD ▸ segment ▸ recognise.
+
+Runs on the event loop, so every step is cheap or skipped: frames the
+sender marks as silent are not decoded and not run through the VAD, which
+makes a silent listener cost a few microseconds a frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from prometheus_client import Counter
+
+from sidecar.asr.streaming import DecodingStream
+from sidecar.audio import DecodeError, OpusDecoder, opus_packet_samples
+from sidecar.events import Frame, new_message_id
+from sidecar.pipeline.jitter import Gap, ReorderBuffer
+from sidecar.pipeline.segmenter import (
+    Audio,
+    End,
+    Pause,
+    Resume,
+    Segmenter,
+    SegmenterConfig,
+    Start,
+)
+from sidecar.pipeline.vad import WINDOW, SileroVad
+
+log = logging.getLogger(__name__)
+
+FRAMES_IN = Counter("captions_frames_received_total", "Audio frames received")
+FRAMES_DROPPED = Counter(
+    "captions_frames_dropped_total",
+    "Audio frames dropped, by reason",
+    ["reason"],
+)
+FRAMES_GATED = Counter(
+    "captions_frames_gated_total", "Frames not decoded because the sender marked them silent"
+)
+FRAMES_LOST = Counter("captions_frames_lost_total", "Frames missing from a sequence (loss)")
+UTTERANCES = Counter("captions_utterances_total", "Utterances found by the segmenter", ["end"])
+
+SR = 16000
+TICKS_PER_SAMPLE = 3  # 48 kHz RTP clock / 16 kHz
+DEFAULT_FRAME_SAMPLES = 320  # 20 ms
+PRE_ROLL_FRAMES = 10  # gated frames kept to decode when speech starts
+
+
+@dataclass(frozen=True, kw_only=True)
+class GateConfig:
+    # RFC 6464 level is -dBov: 0 is loudest, 127 silence. At or above this
+    # the frame is silence when the sender gives no voice flag.
+    silent_level: float = 80.0
+    max_frame_bytes: int = 4000
+
+
+@dataclass(slots=True)
+class UtteranceTimes:
+    start_sample: int
+    end_sample: int
+
+
+class SpeakerPipeline:
+    def __init__(
+        self,
+        participant_id: str,
+        *,
+        vad: SileroVad,
+        stream: DecodingStream,
+        segmenter: SegmenterConfig,
+        gate: GateConfig | None = None,
+        epoch_ms: float | None = None,
+        on_utterance_start: Callable[[str], None] | None = None,
+    ) -> None:
+        self.participant_id = participant_id
+        self.vad = vad
+        self.vad_state = vad.new_state()
+        self.stream = stream
+        self.seg = Segmenter(segmenter)
+        self.gate = gate or GateConfig()
+        self.reorder = ReorderBuffer()
+        self.decoder = OpusDecoder()
+        self.epoch_ms = time.time() * 1000 if epoch_ms is None else epoch_ms
+        self.clock = 0  # samples played out so far
+        self._window = np.zeros(0, np.float32)
+        self._window_start = 0
+        self._gated: deque[Frame] = deque()
+        self._frame_samples = DEFAULT_FRAME_SAMPLES
+        self._utt_id: str | None = None
+        self.times: dict[str, UtteranceTimes] = {}
+        self._carry = np.zeros(0, np.float32)  # audio past a forced cut
+        self._utt_audio: list[np.ndarray] = []
+        self.last_arrival = time.monotonic()
+        self.on_utterance_start = on_utterance_start
+        self.frames = 0
+
+    # -- time --------------------------------------------------------------
+    def sample_to_epoch_ms(self, sample: int) -> int:
+        return int(self.epoch_ms + sample * 1000 / SR)
+
+    # -- input -------------------------------------------------------------
+    def push(self, frame: Frame) -> None:
+        """Accept one frame. Never raises for bad input: it is counted and dropped."""
+        FRAMES_IN.inc()
+        self.frames += 1
+        self.last_arrival = time.monotonic()
+        if frame.pcm is None and len(frame.payload) > self.gate.max_frame_bytes:
+            FRAMES_DROPPED.labels("oversized").inc()
+            return
+        if frame.pcm is None and not frame.payload:
+            FRAMES_DROPPED.labels("empty").inc()
+            return
+        before = dict(self.reorder.dropped)
+        lost_before = self.reorder.lost
+        out = self.reorder.push(frame)
+        for reason, n in self.reorder.dropped.items():
+            if n > before[reason]:
+                FRAMES_DROPPED.labels(reason).inc(n - before[reason])
+        if self.reorder.lost > lost_before:
+            FRAMES_LOST.inc(self.reorder.lost - lost_before)
+        for item in out:
+            self._play(item)
+
+    def drain(self) -> None:
+        """The sender went quiet or left: play out what the reorder buffer holds."""
+        for item in self.reorder.drain():
+            self._play(item)
+
+    def _play(self, item: Frame | Gap) -> None:
+        if isinstance(item, Gap):
+            self._silence(item.frames * self._frame_samples)
+            return
+        frame = item
+        if frame.pcm is not None:
+            pcm = np.asarray(frame.pcm, dtype=np.float32).reshape(-1)
+            self._flush_gated(decode=True)
+            self._audio(pcm)
+            return
+        try:
+            samples = opus_packet_samples(frame.payload) // TICKS_PER_SAMPLE
+        except DecodeError:
+            FRAMES_DROPPED.labels("corrupt").inc()
+            self._silence(self._frame_samples)
+            return
+        self._frame_samples = samples
+        if self._is_silent(frame):
+            FRAMES_GATED.inc()
+            if self.seg.in_speech:
+                # the speaker stopped: time passes as silence for the segmenter
+                self._silence(samples, known=True)
+            else:
+                self._gated.append(frame)
+                if len(self._gated) > PRE_ROLL_FRAMES:
+                    old = self._gated.popleft()
+                    self._advance_idle(self._samples_of(old))
+            return
+        self._flush_gated(decode=True)
+        self._decode_and_feed(frame, samples)
+
+    def _samples_of(self, frame: Frame) -> int:
+        try:
+            return opus_packet_samples(frame.payload) // TICKS_PER_SAMPLE
+        except DecodeError:
+            return self._frame_samples
+
+    def _is_silent(self, frame: Frame) -> bool:
+        if frame.voice is not None:
+            return not frame.voice
+        if frame.level_dbov is not None:
+            return frame.level_dbov >= self.gate.silent_level
+        return False
+
+    def _flush_gated(self, decode: bool) -> None:
+        while self._gated:
+            f = self._gated.popleft()
+            if decode:
+                self._decode_and_feed(f, self._samples_of(f))
+            else:
+                self._advance_idle(self._samples_of(f))
+
+    def _decode_and_feed(self, frame: Frame, samples: int) -> None:
+        try:
+            pcm = self.decoder.decode(frame.payload)
+        except DecodeError:
+            FRAMES_DROPPED.labels("corrupt").inc()
+            self.decoder = OpusDecoder()  # a fresh state after garbage
+            pcm = np.zeros(samples, np.float32)
+        self._audio(pcm)
+
+    def _advance_idle(self, samples: int) -> None:
+        """Silence while no utterance is open: only the clock moves."""
+        self._flush_window()
+        self.clock += samples
+        self._window_start = self.clock
+
+    def _silence(self, samples: int, known: bool = False) -> None:
+        if not self.seg.in_speech and known:
+            self._advance_idle(samples)
+            return
+        self._audio(np.zeros(samples, np.float32), known_silent=known)
+
+    # -- windows -> VAD -> segmenter -----------------------------------------
+    def _audio(self, pcm: np.ndarray, known_silent: bool = False) -> None:
+        buf = np.concatenate([self._window, pcm]) if len(self._window) else pcm
+        i = 0
+        while len(buf) - i >= WINDOW:
+            w = buf[i : i + WINDOW]
+            start = self._window_start
+            prob = 0.0 if known_silent else self.vad.prob(self.vad_state, w)
+            self._window_start += WINDOW
+            self._segment(w, prob, start)
+            i += WINDOW
+        self._window = buf[i:].copy()
+        self.clock += len(pcm)
+
+    def _flush_window(self) -> None:
+        if len(self._window):
+            pad = np.zeros(WINDOW - len(self._window), np.float32)
+            w = np.concatenate([self._window, pad])
+            self._window = np.zeros(0, np.float32)
+            start = self._window_start
+            self._window_start += WINDOW
+            self.clock += len(pad)
+            self._segment(w, self.vad.prob(self.vad_state, w), start)
+
+    def _segment(self, window: np.ndarray, prob: float, start: int) -> None:
+        for ev in self.seg.feed(window, prob, start):
+            self._on_event(ev)
+
+    def _on_event(self, ev: object) -> None:
+        if isinstance(ev, Start):
+            utt_id = new_message_id()
+            self._utt_id = utt_id
+            audio = self._carry if ev.continued else ev.audio
+            self._carry = np.zeros(0, np.float32)
+            self._utt_audio = [audio]
+            self.times[utt_id] = UtteranceTimes(ev.start_sample, ev.start_sample + len(audio))
+            self.stream.begin(utt_id, audio)
+            if self.on_utterance_start is not None:
+                self.on_utterance_start(utt_id)
+        elif isinstance(ev, Audio):
+            self._utt_audio.append(ev.audio)
+            if self._utt_id is not None:
+                self.times[self._utt_id].end_sample += len(ev.audio)
+            self.stream.push(ev.audio)
+        elif isinstance(ev, Pause):
+            self.stream.pause()
+        elif isinstance(ev, Resume):
+            self.stream.resume()
+        elif isinstance(ev, End):
+            UTTERANCES.labels(ev.reason).inc()
+            if ev.reason == "max_length":
+                audio = np.concatenate(self._utt_audio) if self._utt_audio else np.zeros(0)
+                self._carry = audio[ev.keep_samples :].astype(np.float32)
+            self._utt_audio = []
+            if self._utt_id is not None:
+                t = self.times[self._utt_id]
+                t.end_sample = min(t.end_sample, ev.speech_end_sample)
+                if ev.reason == "max_length":
+                    t.end_sample = t.start_sample + ev.keep_samples
+            self.stream.end(ev.keep_samples, discard=ev.reason == "too_short")
+            self._utt_id = None
+
+    # -- lifecycle ---------------------------------------------------------
+    def idle_check(self, now: float, silence_ms: int) -> None:
+        """Called periodically: a sender that stopped sending mid-utterance
+        (muted, left) must still get its final."""
+        if now - self.last_arrival < max(0.1, silence_ms / 1000 / 2):
+            return
+        self.drain()
+        if self.seg.in_speech:
+            self._audio(np.zeros(silence_ms * SR // 1000 + WINDOW, np.float32), known_silent=True)
+        # bring the clock up to wall time so later captions keep true times
+        wall = (time.time() * 1000 - self.epoch_ms) * SR / 1000
+        if wall > self.clock:
+            self._flush_window()
+            self.clock = int(wall)
+            self._window_start = self.clock
+        self.last_arrival = now
+
+    def finish(self) -> None:
+        """End of the stream: the open utterance gets its final."""
+        self.drain()
+        self._flush_gated(decode=True)
+        self._flush_window()
+        for ev in self.seg.flush():
+            self._on_event(ev)
+
+    def reconfigure(self, segmenter: SegmenterConfig) -> None:
+        self.seg.reconfigure(segmenter)

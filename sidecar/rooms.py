@@ -1,0 +1,568 @@
+"""Rooms: what is switched on, who is speaking, where captions go.
+
+A room runs one :class:`~sidecar.pipeline.speaker.SpeakerPipeline` per
+participant who sends audio, while captions or transcription (or both) are
+on. Finals are written to the transcript (fsynced) *before* they are
+published, so any final a viewer has seen survives a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from sidecar.asr.base import Hypothesis, Recognizer
+from sidecar.asr.streaming import DecodingStream, StreamOptions
+from sidecar.config import (
+    EffectiveSettings,
+    Mode,
+    RoomSettings,
+    SettingError,
+    Trigger,
+    resolve,
+)
+from sidecar.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from sidecar.events import Caption, Frame, TranscriptEntry
+from sidecar.pipeline.segmenter import SegmenterConfig
+from sidecar.pipeline.speaker import FRAMES_DROPPED, GateConfig, SpeakerPipeline
+from sidecar.pipeline.vad import SileroVad
+from sidecar.store.base import TranscriptStore, TranscriptWriter
+
+log = logging.getLogger(__name__)
+
+CAPTIONS_OUT = Counter("captions_captions_total", "Captions published", ["kind"])
+FINAL_LATENCY = Histogram(
+    "captions_final_latency_seconds",
+    "From the end of speech to the final caption being published",
+    buckets=(0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 7.5, 10, 20),
+)
+FIRST_INTERIM_LATENCY = Histogram(
+    "captions_first_interim_latency_seconds",
+    "From the start of speech to the first interim caption of the utterance",
+    buckets=(0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 7.5, 10),
+)
+ROOMS_ACTIVE = Gauge("captions_rooms_active", "Rooms with captions or transcription on")
+SPEAKERS_ACTIVE = Gauge("captions_speaker_pipelines", "Speaker pipelines alive")
+TRANSCRIPT_ERRORS = Counter(
+    "captions_transcript_write_errors_total", "Finals that could not be written"
+)
+SUBSCRIBER_DROPS = Counter(
+    "captions_subscriber_dropped_total", "Caption events not delivered to a slow subscriber"
+)
+
+_ROOM_RE = re.compile(r"^[^\s@/\\\"&'<>:]{1,256}(@[A-Za-z0-9.\-]{1,253})?$")
+_PARTICIPANT_RE = re.compile(r"^[A-Za-z0-9._~\-]{1,64}$")
+
+
+def canonical_room(room: str) -> str:
+    if not isinstance(room, str) or not _ROOM_RE.match(room or ""):
+        raise InvalidArgument(
+            "room",
+            f"{room[:80]!r} is not a room name (ROOM or ROOM@conference.HOST, "
+            "1..256 characters, no spaces, quotes, slashes, '<', '>', '&' or ':')",
+        )
+    return room.lower()
+
+
+def valid_participant(pid: str) -> bool:
+    return bool(_PARTICIPANT_RE.match(pid))
+
+
+@dataclass(slots=True)
+class Participant:
+    id: str
+    name: str = ""
+    avatar_url: str = ""
+
+
+class Subscriber:
+    """A bounded queue of caption events for one listener."""
+
+    def __init__(self, include_interims: bool, maxsize: int = 256) -> None:
+        self.include_interims = include_interims
+        self.queue: asyncio.Queue[Caption | None] = asyncio.Queue(maxsize)
+
+    def offer(self, caption: Caption) -> None:
+        if caption.is_interim and not self.include_interims:
+            return
+        if self.queue.full():
+            if caption.is_interim:
+                SUBSCRIBER_DROPS.inc()
+                return
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self.queue.get_nowait()  # make room for the final
+                SUBSCRIBER_DROPS.inc()
+        self.queue.put_nowait(caption)
+
+    def close(self) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(None)
+
+    async def __aiter__(self) -> AsyncIterator[Caption]:
+        while True:
+            item = await self.queue.get()
+            if item is None:
+                return
+            yield item
+
+
+CaptionSink = Callable[[Caption], None]
+
+
+@dataclass
+class Room:
+    name: str
+    room_settings: RoomSettings = field(default_factory=RoomSettings)
+    start_settings: RoomSettings = field(default_factory=RoomSettings)
+    effective: EffectiveSettings = field(default_factory=EffectiveSettings)
+    transcribing: bool = False
+    captioning: bool = False
+    trigger: Trigger = Trigger.MANUAL
+    roster: dict[str, Participant] = field(default_factory=dict)
+    roster_known: bool = False
+    speakers: dict[str, SpeakerPipeline] = field(default_factory=dict)
+    streams: dict[str, DecodingStream] = field(default_factory=dict)
+    writer: TranscriptWriter | None = None
+    subscribers: set[Subscriber] = field(default_factory=set)
+    sinks: list[CaptionSink] = field(default_factory=list)
+    captions_sent: int = 0
+    live: bool = True  # false for files decoded faster than real time
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    first_interim_seen: set[str] = field(default_factory=set)
+    pending: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def active(self) -> bool:
+        return self.transcribing or self.captioning
+
+    @property
+    def transcript_id(self) -> str:
+        return self.writer.id if self.writer is not None else ""
+
+
+class RoomManager:
+    def __init__(
+        self,
+        *,
+        defaults: EffectiveSettings,
+        store: TranscriptStore,
+        recognizers: dict[str, Recognizer],
+        vad: SileroVad,
+        max_rooms: int = 200,
+        max_speakers_per_room: int = 50,
+        max_subscribers_per_room: int = 20,
+        gate: GateConfig | None = None,
+    ) -> None:
+        self.defaults = defaults
+        self.store = store
+        self.recognizers = recognizers
+        self.vad = vad
+        self.max_rooms = max_rooms
+        self.max_speakers = max_speakers_per_room
+        self.max_subscribers = max_subscribers_per_room
+        self.gate = gate or GateConfig()
+        self.rooms: dict[str, Room] = {}
+        self._ticker: asyncio.Task[None] | None = None
+        self.on_change: list[Callable[[Room, str], None]] = []
+
+    # -- lifecycle ---------------------------------------------------------
+    def start_background(self) -> None:
+        if self._ticker is None:
+            self._ticker = asyncio.create_task(self._tick_loop(), name="rooms-tick")
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            for room in list(self.rooms.values()):
+                if not room.live:
+                    continue
+                for sp in list(room.speakers.values()):
+                    try:
+                        sp.idle_check(now, room.effective.silence_duration_ms)
+                    except Exception:  # one stream's fault must not stop the others
+                        log.exception("room %s: speaker %s failed", room.name, sp.participant_id)
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
+        for name in list(self.rooms):
+            await self.end_room(name)
+
+    # -- rooms -------------------------------------------------------------
+    def get(self, room: str) -> Room:
+        name = canonical_room(room)
+        try:
+            return self.rooms[name]
+        except KeyError:
+            raise NotFound(f"room {name!r} is not known to this sidecar") from None
+
+    def _room(self, room: str, create: bool = True) -> Room:
+        name = canonical_room(room)
+        r = self.rooms.get(name)
+        if r is None:
+            if not create:
+                raise NotFound(f"room {name!r} is not known to this sidecar")
+            if len(self.rooms) >= self.max_rooms:
+                raise ResourceExhausted(f"this sidecar serves at most {self.max_rooms} rooms")
+            r = Room(name=name, effective=self.defaults)
+            self.rooms[name] = r
+        return r
+
+    def _resolve(self, room: Room, start: RoomSettings | None = None) -> EffectiveSettings:
+        try:
+            return resolve(
+                self.defaults,
+                room.room_settings,
+                start if start is not None else room.start_settings,
+            )
+        except SettingError as e:
+            raise InvalidArgument(e.field, e.message) from e
+
+    def _notify(self, room: Room, what: str) -> None:
+        for cb in self.on_change:
+            try:
+                cb(room, what)
+            except Exception:
+                log.exception("room change listener failed")
+
+    async def start(
+        self,
+        room: str,
+        kind: str,
+        settings: RoomSettings | None = None,
+        *,
+        trigger: Trigger = Trigger.MANUAL,
+        requested_by: str = "",
+        live: bool = True,
+    ) -> Room:
+        """Switch ``kind`` ("transcription" or "captions") on. Idempotent."""
+        r = self._room(room)
+        start = settings if settings is not None else RoomSettings()
+        eff = self._resolve(r, start)
+        mode = eff.transcription_mode if kind == "transcription" else eff.captions_mode
+        if mode == Mode.DISABLED:
+            raise FailedPrecondition(f"{kind} is disabled for room {r.name}")
+        if eff.provider not in self.recognizers:
+            raise FailedPrecondition(
+                f"provider {eff.provider!r} is not configured on this sidecar "
+                f"(configured: {sorted(self.recognizers)})"
+            )
+        was_active = r.active
+        r.start_settings = start
+        self._apply(r, eff)
+        r.live = live
+        if not was_active:
+            r.trigger = trigger
+        if kind == "transcription" and not r.transcribing:
+            r.writer = await asyncio.to_thread(self.store.open, r.name, language=eff.language)
+            r.transcribing = True
+            log.info("room %s: transcription on (%s) -> %s", r.name, requested_by, r.writer.id)
+        elif kind == "captions" and not r.captioning:
+            r.captioning = True
+            log.info("room %s: captions on (%s)", r.name, requested_by)
+        ROOMS_ACTIVE.set(sum(1 for x in self.rooms.values() if x.active))
+        self._notify(r, "start")
+        return r
+
+    async def stop(self, room: str, kind: str, *, reason: str = "user") -> Room:
+        r = self.get(room)
+        on = r.transcribing if kind == "transcription" else r.captioning
+        if not on:
+            return r
+        mode = (
+            r.effective.transcription_mode if kind == "transcription" else r.effective.captions_mode
+        )
+        if mode == Mode.AUTO_ON and r.trigger != Trigger.MANUAL:
+            raise FailedPrecondition(
+                f"{kind} in room {r.name} was started automatically ({r.trigger.value}) "
+                "and stays on until the room ends"
+            )
+        await self._switch_off(r, kind)
+        return r
+
+    async def _switch_off(self, r: Room, kind: str) -> None:
+        if not (r.transcribing and r.captioning):
+            # the last consumer goes: finish open utterances first
+            await self._finish_speakers(r)
+        if kind == "transcription":
+            r.transcribing = False
+            writer, r.writer = r.writer, None
+            if writer is not None:
+                async with r.write_lock:
+                    meta = await asyncio.to_thread(writer.close)
+                log.info("room %s: transcript %s saved (%d entries)", r.name, meta.id, meta.entries)
+        else:
+            r.captioning = False
+        ROOMS_ACTIVE.set(sum(1 for x in self.rooms.values() if x.active))
+        self._notify(r, "stop")
+
+    async def _finish_speakers(self, r: Room) -> None:
+        timeout = 30.0
+        for sp in r.speakers.values():
+            sp.finish()
+        streams = list(r.streams.values())
+        if streams:
+            await asyncio.wait_for(
+                asyncio.gather(*(s.drain() for s in streams), return_exceptions=True), timeout
+            )
+        if r.pending:
+            await asyncio.wait(set(r.pending), timeout=timeout)
+        for s in streams:
+            await s.aclose()
+        SPEAKERS_ACTIVE.dec(len(r.speakers))
+        r.speakers.clear()
+        r.streams.clear()
+
+    async def end_room(self, room: str) -> Room:
+        r = self.get(room)
+        for kind in ("captions", "transcription"):
+            on = r.transcribing if kind == "transcription" else r.captioning
+            if on:
+                await self._switch_off(r, kind)
+        for sub in r.subscribers:
+            sub.close()
+        r.subscribers.clear()
+        del self.rooms[r.name]
+        self._notify(r, "end")
+        return r
+
+    async def update_settings(self, room: str, settings: RoomSettings) -> Room:
+        r = self._room(room)
+        try:
+            validated = settings.validate()
+        except SettingError as e:
+            raise InvalidArgument(e.field, e.message) from e
+        r.room_settings = r.room_settings.merged(validated)
+        self._apply(r, self._resolve(r))
+        await self._auto_start(r)
+        return r
+
+    def _apply(self, r: Room, eff: EffectiveSettings) -> None:
+        """Propagate settings to the running pipelines."""
+        r.effective = eff
+        seg = self._segmenter_config(eff)
+        for pid, sp in r.speakers.items():
+            sp.reconfigure(seg)
+            st = r.streams[pid]
+            st.set_language(eff.language)
+            st.options = StreamOptions(interim_results=eff.interim_results)
+
+    @staticmethod
+    def _segmenter_config(eff: EffectiveSettings) -> SegmenterConfig:
+        return SegmenterConfig(
+            silence_ms=eff.silence_duration_ms, max_speech_ms=eff.max_speech_caption_ms
+        )
+
+    async def update_roster(
+        self,
+        room: str,
+        participants: list[Participant],
+        *,
+        replace: bool = False,
+        left: list[str] | None = None,
+    ) -> Room:
+        r = self._room(room)
+        for p in participants:
+            if not valid_participant(p.id):
+                raise InvalidArgument(
+                    "participants.id",
+                    f"{p.id[:80]!r} is not an endpoint id ([A-Za-z0-9._~-]{{1,64}})",
+                )
+        if replace:
+            gone = set(r.roster) - {p.id for p in participants}
+            r.roster = {}
+        else:
+            gone = set()
+        for p in participants:
+            r.roster[p.id] = Participant(p.id, p.name[:256], p.avatar_url[:2048])
+        for pid in left or []:
+            r.roster.pop(pid, None)
+            gone.add(pid)
+        r.roster_known = True
+        for pid in gone:
+            await self._drop_speaker(r, pid)
+        await self._auto_start(r)
+        return r
+
+    async def _drop_speaker(self, r: Room, pid: str) -> None:
+        sp = r.speakers.pop(pid, None)
+        st = r.streams.pop(pid, None)
+        if sp is None or st is None:
+            return
+        sp.finish()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(st.drain(), 30)
+        await st.aclose()
+        SPEAKERS_ACTIVE.dec()
+
+    async def _auto_start(self, r: Room) -> None:
+        eff = r.effective
+        n = len(r.roster)
+        for kind, mode in (
+            ("transcription", eff.transcription_mode),
+            ("captions", eff.captions_mode),
+        ):
+            on = r.transcribing if kind == "transcription" else r.captioning
+            if on or mode != Mode.AUTO_ON or eff.trigger == Trigger.MANUAL:
+                continue
+            need = 2 if eff.trigger == Trigger.AUTOMATIC_2ND_PARTICIPANT else 1
+            if n >= need:
+                await self.start(
+                    r.name, kind, r.start_settings, trigger=eff.trigger, requested_by="auto"
+                )
+
+    # -- audio in ----------------------------------------------------------
+    def push_frame(self, room: str, participant: str, frame: Frame) -> bool:
+        """Feed one frame. Returns False when it was dropped (and counted)."""
+        r = self.rooms.get(room.lower()) if isinstance(room, str) else None
+        if r is None or not r.active:
+            FRAMES_DROPPED.labels("room_inactive").inc()
+            return False
+        sp = r.speakers.get(participant)
+        if sp is None:
+            if not valid_participant(participant):
+                FRAMES_DROPPED.labels("invalid_participant").inc()
+                return False
+            if r.roster_known and participant not in r.roster:
+                FRAMES_DROPPED.labels("unknown_participant").inc()
+                return False
+            if len(r.speakers) >= self.max_speakers:
+                FRAMES_DROPPED.labels("too_many_speakers").inc()
+                return False
+            sp = self._new_speaker(r, participant)
+        try:
+            sp.push(frame)
+        except Exception:
+            # a bug on one stream must not take the room down: reset that stream
+            log.exception("room %s: speaker %s failed; resetting it", r.name, participant)
+            FRAMES_DROPPED.labels("internal").inc()
+            r.speakers.pop(participant, None)
+            st = r.streams.pop(participant, None)
+            if st is not None:
+                task = asyncio.ensure_future(st.aclose())
+                r.pending.add(task)  # type: ignore[arg-type]
+                task.add_done_callback(r.pending.discard)  # type: ignore[arg-type]
+            SPEAKERS_ACTIVE.dec()
+            return False
+        return True
+
+    def _new_speaker(self, r: Room, pid: str) -> SpeakerPipeline:
+        eff = r.effective
+        rec = self.recognizers[eff.provider]
+        holder: list[SpeakerPipeline] = []
+        stream = DecodingStream(
+            rec,
+            language=eff.language,
+            on_result=lambda h: self._on_hypothesis(r, holder[0], h),
+            options=StreamOptions(interim_results=eff.interim_results),
+        )
+        sp = SpeakerPipeline(
+            pid,
+            vad=self.vad,
+            stream=stream,
+            segmenter=self._segmenter_config(eff),
+            gate=self.gate,
+        )
+        holder.append(sp)
+        r.speakers[pid] = sp
+        r.streams[pid] = stream
+        SPEAKERS_ACTIVE.inc()
+        return sp
+
+    # -- captions out --------------------------------------------------------
+    def _on_hypothesis(self, r: Room, sp: SpeakerPipeline, h: Hypothesis) -> None:
+        times = sp.times.get(h.utterance_id)
+        start = sp.sample_to_epoch_ms(times.start_sample) if times else int(time.time() * 1000)
+        end = sp.sample_to_epoch_ms(times.end_sample) if times else start
+        p = r.roster.get(sp.participant_id)
+        cap = Caption(
+            room=r.name,
+            participant_id=sp.participant_id,
+            participant_name=(p.name if p and p.name else sp.participant_id),
+            avatar_url=p.avatar_url if p else "",
+            message_id=h.utterance_id,
+            text=h.text,
+            is_interim=not h.is_final,
+            stability=h.stability,
+            language=h.language,
+            start_time_ms=start,
+            end_time_ms=end,
+            timestamp_ms=int(time.time() * 1000),
+            confidence=h.confidence,
+        )
+        if h.is_final:
+            sp.times.pop(h.utterance_id, None)
+            task = asyncio.create_task(self._persist_and_publish(r, cap))
+            r.pending.add(task)
+            task.add_done_callback(r.pending.discard)
+        else:
+            if r.live and h.utterance_id not in r.first_interim_seen:
+                r.first_interim_seen.add(h.utterance_id)
+                FIRST_INTERIM_LATENCY.observe(max(0.0, (cap.timestamp_ms - start) / 1000))
+            self._publish(r, cap)
+
+    async def _persist_and_publish(self, r: Room, cap: Caption) -> None:
+        r.first_interim_seen.discard(cap.message_id)
+        if cap.text and r.transcribing and r.writer is not None:
+            entry = TranscriptEntry(
+                start_time=_iso(cap.start_time_ms),
+                stop_time=_iso(cap.end_time_ms),
+                speaker_id=cap.participant_id,
+                speaker_name=cap.participant_name,
+                text=cap.text,
+                message_id=cap.message_id,
+                language=cap.language,
+            )
+            writer = r.writer
+            async with r.write_lock:
+                try:
+                    await asyncio.to_thread(writer.append, entry)
+                except Exception:
+                    TRANSCRIPT_ERRORS.inc()
+                    log.exception("room %s: transcript write failed", r.name)
+        if r.live:
+            FINAL_LATENCY.observe(max(0.0, (time.time() * 1000 - cap.end_time_ms) / 1000))
+        self._publish(r, cap)
+
+    def _publish(self, r: Room, cap: Caption) -> None:
+        r.captions_sent += 1
+        CAPTIONS_OUT.labels("interim" if cap.is_interim else "final").inc()
+        for sub in list(r.subscribers):
+            sub.offer(cap)
+        if not r.captioning:
+            return
+        for sink in list(r.sinks):
+            try:
+                sink(cap)
+            except Exception:
+                log.exception("room %s: caption sink failed", r.name)
+
+    def subscribe(self, room: str, include_interims: bool) -> Subscriber:
+        r = self._room(room)
+        if len(r.subscribers) >= self.max_subscribers:
+            raise ResourceExhausted(f"room {r.name} has {self.max_subscribers} subscribers already")
+        sub = Subscriber(include_interims)
+        r.subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, room: str, sub: Subscriber) -> None:
+        r = self.rooms.get(room.lower())
+        if r is not None:
+            r.subscribers.discard(sub)
+
+
+def _iso(ms: int) -> str:
+    dt = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"

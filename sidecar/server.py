@@ -1,0 +1,186 @@
+"""The sidecar process: one event loop runs grpc.aio and the aiohttp listener.
+
+HTTP listener: ``/metrics`` (Prometheus), ``/healthz`` (JSON), and the
+control API as gRPC-Web under ``/captions.v1.Captions/<Method>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from sidecar.api.grpcweb import GrpcWebGateway
+from sidecar.api.servicer import CaptionsService
+from sidecar.asr.base import Recognizer
+from sidecar.asr.scheduler import Scheduler
+from sidecar.asr.whisper import WhisperOptions, WhisperRecognizer
+from sidecar.config import SidecarConfig
+from sidecar.pipeline.speaker import GateConfig
+from sidecar.pipeline.vad import SileroVad
+from sidecar.proto.captions.v1 import captions_pb2, captions_pb2_grpc
+from sidecar.rooms import RoomManager
+from sidecar.store.local import LocalDirStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "captions.v1.Captions"
+
+
+def _split(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass
+class Ports:
+    grpc: int = 0
+    http: int = 0
+
+
+class Sidecar:
+    def __init__(self, config: SidecarConfig) -> None:
+        self.config = config
+        token = config.server.require_token()
+        self.store = LocalDirStore(config.store.store_dir)
+        w = config.whisper
+        self.scheduler = Scheduler(w.workers)
+        self.whisper = WhisperRecognizer(
+            WhisperOptions(
+                model=w.whisper_model,
+                multilingual_model=w.whisper_model_multilingual,
+                device=w.device,
+                compute_type=w.compute_type,
+                cpu_threads=w.cpu_threads,
+                workers=w.workers,
+                beam_size=w.beam_size,
+                cache_dir=w.model_cache_dir,
+            ),
+            self.scheduler,
+        )
+        self.recognizers: dict[str, Recognizer] = {"whisper": self.whisper}
+        self.vad = SileroVad()
+        lim = config.limits
+        self.rooms = RoomManager(
+            defaults=config.defaults,
+            store=self.store,
+            recognizers=self.recognizers,
+            vad=self.vad,
+            max_rooms=lim.max_rooms,
+            max_speakers_per_room=lim.max_speakers_per_room,
+            max_subscribers_per_room=lim.max_subscribers_per_room,
+            gate=GateConfig(max_frame_bytes=lim.max_frame_bytes),
+        )
+        self.service = CaptionsService(self.rooms, self.store, token)
+        self.health = health.aio.HealthServicer()
+        self.grpc_server: grpc.aio.Server | None = None
+        self.runner: web.AppRunner | None = None
+        self.ports = Ports()
+        self.started = time.time()
+        self.ready = False
+
+    def http_app(self) -> web.Application:
+        app = web.Application(client_max_size=8 * 1024 * 1024)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        service = captions_pb2.DESCRIPTOR.services_by_name["Captions"]
+        GrpcWebGateway(
+            self.service, service, allow_origin=self.config.server.allow_origin
+        ).add_routes(app)
+        return app
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        finals, interims = self.scheduler.backlog
+        body = {
+            "status": "ok" if self.ready else "starting",
+            "uptime_s": round(time.time() - self.started, 1),
+            "rooms": len(self.rooms.rooms),
+            "active_rooms": sum(1 for r in self.rooms.rooms.values() if r.active),
+            "queued_finals": finals,
+            "queued_interims": interims,
+        }
+        return web.json_response(body, status=200 if self.ready else 503)
+
+    async def start(self, *, preload: bool = True) -> None:
+        recovered = await asyncio.to_thread(self.store.recover)
+        for meta in recovered:
+            log.warning(
+                "recovered transcript %s left open by a crash (%d entries)", meta.id, meta.entries
+            )
+        self.scheduler.start()
+        self.rooms.start_background()
+        if preload:
+            # the first caption must not wait for the model to load
+            await asyncio.to_thread(self.whisper.preload)
+
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        captions_pb2_grpc.add_CaptionsServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        host, port = _split(self.config.server.grpc_listen)
+        self.ports.grpc = server.add_insecure_port(f"{host}:{port}")
+        await server.start()
+        self.grpc_server = server
+
+        self.runner = web.AppRunner(self.http_app(), access_log=None)
+        await self.runner.setup()
+        host, port = _split(self.config.server.http_listen)
+        site = web.TCPSite(self.runner, host, port)
+        await site.start()
+        server_obj = getattr(site, "_server", None)
+        sockets = getattr(server_obj, "sockets", None) or []
+        self.ports.http = sockets[0].getsockname()[1] if sockets else port
+
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self.ready = True
+        log.info(
+            "serving gRPC on %s:%d, HTTP on %s:%d",
+            *_split(self.config.server.grpc_listen)[:1],
+            self.ports.grpc,
+            _split(self.config.server.http_listen)[0],
+            self.ports.http,
+        )
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self.ready = False
+        await self.health.enter_graceful_shutdown()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace)
+        # open utterances get their finals, transcripts are closed and rendered
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.rooms.close(), 60)
+        if self.runner is not None:
+            await self.runner.cleanup()
+        await self.scheduler.close()
+
+
+async def serve(config: SidecarConfig) -> None:
+    sidecar = Sidecar(config)
+    await sidecar.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(
+        f"captions sidecar ready: grpc={sidecar.ports.grpc} http={sidecar.ports.http}",
+        flush=True,
+    )
+    await stop.wait()
+    log.info("shutting down")
+    await sidecar.stop()
