@@ -1,0 +1,44 @@
+# Targets: install, demo, serve, test, test-fast, lint, bench, proto
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+SILERO_VAD := silero-vad==6.2.3
+
+.PHONY: install demo serve test test-fast lint bench proto clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,multilingual]'
+	# silero-vad declares torch as a dependency but the sidecar only reads
+	# its ONNX model with onnxruntime: install it without dependencies
+	$(PY) -m pip install -q --no-deps $(SILERO_VAD)
+	touch $@
+
+demo: install
+	$(PY) -m sidecar demo
+
+serve: install
+	$(PY) -m sidecar serve
+
+test: install
+	$(PY) -m pytest -q -ra
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check sidecar tests bench
+	$(VENV)/bin/ruff format --check sidecar tests bench
+	$(VENV)/bin/mypy
+
+bench: install
+	$(PY) bench/run.py --out docs/benchmarks.md
+
+proto: install
+	PYTHON=$(PY) scripts/gen_proto.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info
