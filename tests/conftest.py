@@ -14,7 +14,9 @@ LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 def librivox() -> list[tuple[Path, str]]:
     """(wav, reference) pairs from Debian's pocketsphinx-testdata."""
     if not (LIBRIVOX / "transcription").is_file():
-        pytest.skip("pocketsphinx-testdata is not installed (apt-get install pocketsphinx-testdata)")
+        pytest.skip(
+            "pocketsphinx-testdata is not installed (apt-get install pocketsphinx-testdata)"
+        )
     out = []
     for line in (LIBRIVOX / "transcription").read_text().splitlines():
         m = re.match(r"<s>\s*(.*?)\s*</s>\s*\((.+)\)", line.strip())

@@ -30,8 +30,11 @@ def _offline(engine: Engine, wavs: list) -> list[str]:
     out = []
     for wav in wavs:
         segs, _ = model.transcribe(
-            str(wav), language=None, beam_size=engine.whisper.options.beam_size,
-            condition_on_previous_text=False, vad_filter=False,
+            str(wav),
+            language=None,
+            beam_size=engine.whisper.options.beam_size,
+            condition_on_previous_text=False,
+            vad_filter=False,
         )
         out.append(" ".join(s.text.strip() for s in segs))
     return out
