@@ -54,7 +54,12 @@ def opus_packet_samples(packet: bytes) -> int:
 
 
 class OpusDecoder:
-    """Stateful Opus decoder for one stream, output resampled to 16 kHz mono."""
+    """Stateful Opus decoder for one stream, output resampled to 16 kHz mono.
+
+    Channels are averaged here rather than by the resampler, whose -3 dB
+    downmix gain would make mono-coded packets (what browsers send, decoded
+    onto both channels) 3 dB too loud and clip.
+    """
 
     def __init__(self) -> None:
         self._ctx = av.CodecContext.create("libopus", "r")
@@ -62,12 +67,30 @@ class OpusDecoder:
         self._ctx.layout = "stereo"  # type: ignore[attr-defined]
         self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
 
+    @staticmethod
+    def _mono(frame: av.AudioFrame) -> np.ndarray:
+        arr = frame.to_ndarray()
+        channels = len(frame.layout.channels)
+        if frame.format.is_planar:
+            mono = arr.reshape(channels, -1).mean(axis=0)
+        else:
+            mono = arr.reshape(-1, channels).mean(axis=1)
+        if arr.dtype == np.int16:
+            mono = mono / 32768.0
+        return mono.astype(np.float32)
+
     def decode(self, packet: bytes) -> np.ndarray:
+        if not packet:
+            # FFmpeg reads an empty packet as the end of the stream
+            raise DecodeError("empty Opus packet")
+        out: list[np.ndarray] = []
         try:
-            frames = self._ctx.decode(av.Packet(packet))
-            out = [
-                f2.to_ndarray().reshape(-1) for f in frames for f2 in self._resampler.resample(f)
-            ]
+            for frame in self._ctx.decode(av.Packet(packet)):
+                mono = av.AudioFrame.from_ndarray(
+                    self._mono(frame).reshape(1, -1), format="flt", layout="mono"
+                )
+                mono.sample_rate = frame.sample_rate
+                out.extend(f.to_ndarray().reshape(-1) for f in self._resampler.resample(mono))
         except (av.error.FFmpegError, ValueError) as e:
             raise DecodeError(f"Opus decode failed: {e}") from e
         if not out:
@@ -91,9 +114,8 @@ class OpusEncoder:
         self._ctx.open()
         self._channels = channels
         self._pts = 0
-        self._up = av.AudioResampler(
-            format="s16", layout="stereo" if channels == 2 else "mono", rate=OPUS_RATE
-        )
+        # resample in mono, then copy to both channels: no upmix gain
+        self._up = av.AudioResampler(format="s16", layout="mono", rate=OPUS_RATE)
         self._pending = np.zeros(0, dtype=np.int16)
 
     def encode(self, pcm16k: np.ndarray) -> list[bytes]:
@@ -105,7 +127,10 @@ class OpusEncoder:
         frame.sample_rate = SAMPLE_RATE
         up = [f.to_ndarray().reshape(-1) for f in self._up.resample(frame)]
         if up:
-            self._pending = np.concatenate([self._pending, *up])
+            mono16 = np.concatenate(up)
+            if self._channels == 2:
+                mono16 = np.repeat(mono16, 2)  # interleaved L R
+            self._pending = np.concatenate([self._pending, mono16])
         step = OPUS_RATE * FRAME_MS // 1000 * self._channels
         packets: list[bytes] = []
         while len(self._pending) >= step:

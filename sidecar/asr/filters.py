@@ -90,7 +90,9 @@ def clean(result: DecodeResult, *, speech_ms: int, cfg: FilterConfig | None = No
     if result.compression_ratio > cfg.compression_ratio_threshold and len(text.split()) > 8:
         # a loop the collapse did not catch: keep only the first clause
         text = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
-    key = " ".join(_WORDS.findall(text.lower().replace(".", "")))
+    # "Thank you. Thank you." is the same phantom as "Thank you."
+    key = " ".join(_WORDS.findall(collapse_repeats(text.lower(), 1).replace(".", "")))
+    key = collapse_repeats(key, 1)
     # a real "thank you" decodes confidently; the phantom one does not
     if key in _PHANTOMS and (
         speech_ms < 300 or result.no_speech_prob > 0.2 or result.avg_logprob < -0.7

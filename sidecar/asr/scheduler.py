@@ -62,6 +62,7 @@ class Scheduler:
         self._tasks: list[asyncio.Task[None]] = []
         self._seq = itertools.count()
         self._closed = False
+        self._running: set[_Job] = set()
 
     def start(self) -> None:
         if self._tasks:
@@ -73,13 +74,14 @@ class Scheduler:
 
     async def close(self) -> None:
         self._closed = True
+        in_flight = list(self._running)  # the workers forget them when cancelled
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks = []
-        for job in [*self._finals, *self._interims.values()]:
+        for job in [*self._finals, *self._interims.values(), *in_flight]:
             if not job.future.done():
                 job.future.cancel()
         self._finals.clear()
@@ -163,6 +165,7 @@ class Scheduler:
                 continue
             QUEUE_WAIT.labels(job.kind).observe(time.monotonic() - job.enqueued)
             BUSY.inc()
+            self._running.add(job)
             try:
                 result = await loop.run_in_executor(self._pool, job.fn)
             except Exception as e:  # the job's own failure goes to its caller
@@ -174,4 +177,5 @@ class Scheduler:
                 if not job.future.done():
                     job.future.set_result(result)
             finally:
+                self._running.discard(job)
                 BUSY.dec()

@@ -151,7 +151,8 @@ class Segmenter:
         else:
             # smoothed over 3 windows so a single dip inside a word does not win
             p = np.asarray(probs[lo:], dtype=np.float32)
-            sm = np.convolve(p, np.ones(3, np.float32) / 3, mode="same")
+            # edge-padded, so the ends of the search are not favoured
+            sm = np.convolve(np.pad(p, 1, mode="edge"), np.ones(3, np.float32) / 3, "valid")
             idx = lo + int(np.argmin(sm)) + 1
         keep = idx * WINDOW
         end = End("max_length", self._utt_start + keep, keep)
@@ -163,6 +164,12 @@ class Segmenter:
         self._voiced = sum(1 for q in self._probs if q >= self.config.neg_threshold)
         self._silent = 0
         self._paused = False
+        if self._voiced == 0:
+            # the cut fell in the silence after the speech: nothing continues
+            self.in_speech = False
+            self._pre.clear()
+            self._onset = 0
+            return [end]
         return [end, Start(new_start, np.zeros(0, np.float32), continued=True)]
 
     def flush(self) -> list[SegEvent]:

@@ -49,6 +49,8 @@ SR = 16000
 TICKS_PER_SAMPLE = 3  # 48 kHz RTP clock / 16 kHz
 DEFAULT_FRAME_SAMPLES = 320  # 20 ms
 PRE_ROLL_FRAMES = 10  # gated frames kept to decode when speech starts
+# sum of squares of a 512-sample window below which it is silence (-60 dBFS RMS)
+ENERGY_FLOOR = 512 * 1e-6
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,7 +213,11 @@ class SpeakerPipeline:
         while len(buf) - i >= WINDOW:
             w = buf[i : i + WINDOW]
             start = self._window_start
-            prob = 0.0 if known_silent else self.vad.prob(self.vad_state, w)
+            if known_silent or float(np.dot(w, w)) < ENERGY_FLOOR:
+                # near-digital silence: the VAD model would say no anyway
+                prob = 0.0
+            else:
+                prob = self.vad.prob(self.vad_state, w)
             self._window_start += WINDOW
             self._segment(w, prob, start)
             i += WINDOW
