@@ -56,9 +56,10 @@ def pct(xs: list[float], q: float) -> float:
 
 def cpu_model() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "unknown"
@@ -145,7 +146,7 @@ async def bench_latency(tmp: Path, speakers: int, rounds: int) -> dict[str, floa
     lat_final: list[float] = []
     lat_first: list[float] = []
     by_speaker: dict[str, list[float]] = {}
-    for mid, (pid, at) in finals.items():
+    for pid, at in finals.values():
         by_speaker.setdefault(pid, []).append(at)
     first_by_speaker: dict[str, list[float]] = {}
     for mid, at in firsts.items():
@@ -259,6 +260,10 @@ async def main(out: Path, quick: bool) -> None:
     ]
     text = "\n".join(lines)
     print(text)
+    write_report(out, text)
+
+
+def write_report(out: Path, text: str) -> None:
     header = "# Benchmarks\n\nNewest first. Each section names its machine, date and command.\n\n"
     old = out.read_text() if out.exists() else ""
     body = old[len(header) :] if old.startswith(header) else old
