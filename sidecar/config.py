@@ -662,8 +662,35 @@ class LimitsConfig:
     # multi-frame packets while rejecting garbage early.
     max_frame_bytes: int = _key(4000, kind="int", bounds=(256, 65_536))
     max_subscribers_per_room: int = _key(20, kind="int", bounds=(1, 10_000))
-    # Finished utterances waiting for a recogniser, before the oldest are shed.
-    max_utterance_backlog: int = _key(64, kind="int", bounds=(1, 100_000))
+
+
+def _check_path_prefix(value: str) -> str | None:
+    if not value.startswith("/") or value.endswith("/") or " " in value:
+        return f"{value!r} must start with '/', not end with '/', and have no spaces"
+    return None
+
+
+def _check_listen_or_off(value: str) -> str | None:
+    return None if value == "" else _check_listen(value)
+
+
+@dataclass
+class IngestConfig:
+    """``[ingest]``: where audio comes in."""
+
+    # WebSocket for the videobridge's media export (Jicofo's transcription
+    # url-template points at http(s)://HOST:PORT<mediajson_path>/{{MEETING_ID}})
+    mediajson_path: str = _key("/mediajson", kind="str", check=_check_path_prefix)
+    # Jigasi-compatible endpoint (skynet's streaming-whisper route)
+    skynet_path: str = _key("/streaming-whisper/ws", kind="str", check=_check_path_prefix)
+    # plain RTP over UDP; "" switches it off
+    rtp_listen: str = _key("", kind="str", check=_check_listen_or_off)
+    # bearer token the videobridge / Jigasi send; unset: the server token
+    token: str | None = _key(None, kind="str", optional=True, check=_check_token)
+    max_message_bytes: int = _key(65_536, kind="int", bounds=(1024, 16 * 1024 * 1024))
+    max_messages_per_second: int = _key(5000, kind="int", bounds=(10, 1_000_000))
+    # the bridge connecting starts captions and transcription in its room
+    auto_start: bool = _key(True, kind="bool")
 
 
 @dataclass
@@ -696,6 +723,7 @@ class SidecarConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     whisper: WhisperConfig = field(default_factory=WhisperConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
     defaults: EffectiveSettings = field(default_factory=EffectiveSettings)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     config_path: Path | None = None  # the file it was read from, for the log
@@ -706,6 +734,7 @@ _SECTIONS: dict[str, type] = {
     "store": StoreConfig,
     "whisper": WhisperConfig,
     "limits": LimitsConfig,
+    "ingest": IngestConfig,
     "logging": LoggingConfig,
 }
 _ENV_PREFIX = "CAPTIONS_"
@@ -949,6 +978,7 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
         store=sections["store"],
         whisper=whisper,
         limits=sections["limits"],
+        ingest=sections["ingest"],
         defaults=_build_defaults(values.get("defaults", {})),
         logging=sections["logging"],
         config_path=path,

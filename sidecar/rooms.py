@@ -60,6 +60,7 @@ SUBSCRIBER_DROPS = Counter(
 
 _ROOM_RE = re.compile(r"^[^\s@/\\\"&'<>:]{1,256}(@[A-Za-z0-9.\-]{1,253})?$")
 _PARTICIPANT_RE = re.compile(r"^[A-Za-z0-9._~\-]{1,64}$")
+_MEETING_RE = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
 
 
 def canonical_room(room: str) -> str:
@@ -81,6 +82,7 @@ class Participant:
     id: str
     name: str = ""
     avatar_url: str = ""
+    ssrcs: tuple[int, ...] = ()
 
 
 class Subscriber:
@@ -138,6 +140,7 @@ class Room:
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     first_interim_seen: set[str] = field(default_factory=set)
     pending: set[asyncio.Task[None]] = field(default_factory=set)
+    meeting_id: str = ""
 
     @property
     def active(self) -> bool:
@@ -170,6 +173,10 @@ class RoomManager:
         self.max_subscribers = max_subscribers_per_room
         self.gate = gate or GateConfig()
         self.rooms: dict[str, Room] = {}
+        # plain RTP: SSRC -> (room, endpoint id), kept from roster updates
+        self.ssrcs: dict[int, tuple[str, str]] = {}
+        # Jitsi meeting id -> room name, from start calls
+        self.meetings: dict[str, str] = {}
         self._ticker: asyncio.Task[None] | None = None
         self.on_change: list[Callable[[Room, str], None]] = []
 
@@ -201,6 +208,9 @@ class RoomManager:
             await self.end_room(name)
 
     # -- rooms -------------------------------------------------------------
+    def room_for_meeting(self, meeting_id: str) -> str | None:
+        return self.meetings.get(meeting_id)
+
     def get(self, room: str) -> Room:
         name = canonical_room(room)
         try:
@@ -246,6 +256,7 @@ class RoomManager:
         trigger: Trigger = Trigger.MANUAL,
         requested_by: str = "",
         live: bool = True,
+        meeting_id: str = "",
     ) -> Room:
         """Switch ``kind`` ("transcription" or "captions") on. Idempotent."""
         r = self._room(room)
@@ -260,6 +271,11 @@ class RoomManager:
                 f"(configured: {sorted(self.recognizers)})"
             )
         was_active = r.active
+        if meeting_id:
+            if not _MEETING_RE.match(meeting_id):
+                raise InvalidArgument("meeting_id", "1..128 characters of [A-Za-z0-9._-]")
+            r.meeting_id = meeting_id
+            self.meetings[meeting_id] = r.name
         r.start_settings = start
         self._apply(r, eff)
         r.live = live
@@ -335,6 +351,10 @@ class RoomManager:
             sub.close()
         r.subscribers.clear()
         del self.rooms[r.name]
+        for ssrc in [k for k, v in self.ssrcs.items() if v[0] == r.name]:
+            del self.ssrcs[ssrc]
+        if r.meeting_id and self.meetings.get(r.meeting_id) == r.name:
+            del self.meetings[r.meeting_id]
         self._notify(r, "end")
         return r
 
@@ -386,10 +406,14 @@ class RoomManager:
         else:
             gone = set()
         for p in participants:
-            r.roster[p.id] = Participant(p.id, p.name[:256], p.avatar_url[:2048])
+            r.roster[p.id] = Participant(p.id, p.name[:256], p.avatar_url[:2048], p.ssrcs[:16])
+            for ssrc in p.ssrcs[:16]:
+                self.ssrcs[ssrc] = (r.name, p.id)
         for pid in left or []:
             r.roster.pop(pid, None)
             gone.add(pid)
+        for ssrc in [k for k, v in self.ssrcs.items() if v[0] == r.name and v[1] in gone]:
+            del self.ssrcs[ssrc]
         r.roster_known = True
         for pid in gone:
             await self._drop_speaker(r, pid)

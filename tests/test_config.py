@@ -531,7 +531,8 @@ def test_no_file_no_env_gives_defaults() -> None:
     assert cfg.limits.max_speakers_per_room == 50
     assert cfg.limits.max_frame_bytes == 4000
     assert cfg.limits.max_subscribers_per_room == 20
-    assert cfg.limits.max_utterance_backlog >= 1
+    assert cfg.ingest.mediajson_path == "/mediajson"
+    assert cfg.ingest.rtp_listen == ""
     assert cfg.defaults == EffectiveSettings()
     assert cfg.logging.log_level == "info"
     assert cfg.logging.log_format == "json"
@@ -585,7 +586,7 @@ whisper_model_multilingual = "{tmp_path}"
 
 [limits]
 max_rooms = 1
-max_utterance_backlog = 7
+max_subscribers_per_room = 7
 
 [defaults]
 language = "pt_br"
@@ -610,7 +611,7 @@ log_format = "text"
     assert (cfg.whisper.device, cfg.whisper.compute_type) == ("auto", "float16")
     assert (cfg.whisper.workers, cfg.whisper.cpu_threads, cfg.whisper.beam_size) == (64, 4, 10)
     assert cfg.whisper.whisper_model_multilingual == str(tmp_path)
-    assert (cfg.limits.max_rooms, cfg.limits.max_utterance_backlog) == (1, 7)
+    assert (cfg.limits.max_rooms, cfg.limits.max_subscribers_per_room) == (1, 7)
     assert cfg.limits.max_speakers_per_room == 50
     assert cfg.defaults == EffectiveSettings(
         language="pt-BR",
@@ -733,7 +734,7 @@ def test_require_token() -> None:
         ("limits", "max_speakers_per_room", (1, 10_000)),
         ("limits", "max_frame_bytes", (256, 65_536)),
         ("limits", "max_subscribers_per_room", (1, 10_000)),
-        ("limits", "max_utterance_backlog", (1, 100_000)),
+        ("ingest", "max_messages_per_second", (10, 1_000_000)),
         ("defaults", "max_speech_caption_ms", (5000, 10000)),
         ("defaults", "silence_duration_ms", (300, 2000)),
     ],

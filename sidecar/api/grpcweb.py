@@ -637,8 +637,8 @@ class GrpcWebGateway:
         if request.content_length is not None and request.content_length > limit:
             raise too_big
         body = bytearray()
-        # readany() hands over what is buffered, so at most one chunk beyond
-        # the limit is ever held.
+        # Content-Length may be absent (chunked) or lie, so count while
+        # reading; the buffer never grows past the limit.
         while chunk := await request.content.readany():
             if len(body) + len(chunk) > limit:
                 raise too_big
@@ -887,6 +887,12 @@ class GrpcWebGateway:
         self, request: web.Request, status: _Status, text: bool
     ) -> web.StreamResponse:
         headers = self._headers(text)
+        # Trailers-only: the status and trailing metadata in the headers for
+        # clients that read only those, and the trailer frame for the others.
+        for key, value in status.trailing:
+            text_value = _metadata_value(key, value)
+            if "\r" not in text_value and "\n" not in text_value:
+                headers[key.lower()] = text_value
         headers["grpc-status"] = str(status.code.value[0])
         headers["grpc-message"] = encode_grpc_message(status.details)
         frame = encode_frame(encode_trailers(status.code, status.details, status.trailing), True)

@@ -15,7 +15,7 @@ To stop reading a stream early and hang up at once, close the iterator::
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import TypeVar
 
 import aiohttp
@@ -246,7 +246,7 @@ async def server_stream(
     timeout: float | None = None,  # noqa: ASYNC109
     metadata: Sequence[tuple[str, str]] = (),
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-) -> AsyncIterator[M]:
+) -> AsyncGenerator[M, None]:
     """Make a server-streaming call; yield each message as it arrives.
 
     Same arguments as :func:`unary`; ``timeout`` covers the whole stream. A

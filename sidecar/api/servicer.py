@@ -138,6 +138,7 @@ class CaptionsService(pb_grpc.CaptionsServicer):
             settings,
             trigger=trigger,
             requested_by=request.requested_by[:256],
+            meeting_id=request.meeting_id,
         )
         return self._status(r)
 
@@ -174,7 +175,12 @@ class CaptionsService(pb_grpc.CaptionsServicer):
     async def UpdateRoster(self, request: pb.UpdateRosterRequest, context: Any) -> pb.RoomStatus:
         if len(request.participants) > 10000:
             raise InvalidArgument("participants", "at most 10000 per call")
-        people = [Participant(p.id, p.name, p.avatar_url) for p in request.participants]
+        for p in request.participants:
+            if len(p.ssrcs) > 16:
+                raise InvalidArgument("participants.ssrcs", "at most 16 per participant")
+        people = [
+            Participant(p.id, p.name, p.avatar_url, tuple(p.ssrcs)) for p in request.participants
+        ]
         r = await self.rooms.update_roster(
             request.room, people, replace=request.replace, left=list(request.left)
         )

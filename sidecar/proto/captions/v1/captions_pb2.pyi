@@ -188,12 +188,17 @@ class StartRequest(_message.Message):
     SETTINGS_FIELD_NUMBER: _builtins.int
     REQUESTED_BY_FIELD_NUMBER: _builtins.int
     TRIGGER_FIELD_NUMBER: _builtins.int
+    MEETING_ID_FIELD_NUMBER: _builtins.int
     room: _builtins.str
     """ROOM@conference.HOST or a bare room name"""
     requested_by: _builtins.str
     """endpoint id or JID, for the log and the transcript"""
     trigger: Global___Trigger.ValueType
     """what started it; manual when unset"""
+    meeting_id: _builtins.str
+    """Jitsi's meeting id (the {{MEETING_ID}} of Jicofo's transcription
+    url-template), so the videobridge's audio finds its room
+    """
     @_builtins.property
     def settings(self) -> Global___Settings:
         """start parameters, highest precedence"""
@@ -205,10 +210,11 @@ class StartRequest(_message.Message):
         settings: Global___Settings | None = ...,
         requested_by: _builtins.str = ...,
         trigger: Global___Trigger.ValueType = ...,
+        meeting_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["requested_by", b"requested_by", "room", b"room", "settings", b"settings", "trigger", b"trigger"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["meeting_id", b"meeting_id", "requested_by", b"requested_by", "room", b"room", "settings", b"settings", "trigger", b"trigger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -268,20 +274,28 @@ class Participant(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     AVATAR_URL_FIELD_NUMBER: _builtins.int
+    SSRCS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """endpoint id (the MUC resource)"""
     name: _builtins.str
     avatar_url: _builtins.str
+    @_builtins.property
+    def ssrcs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """RTP synchronisation sources of the participant's audio, for the plain
+        RTP ingest (SIP gateways and other sources that are not the videobridge)
+        """
+
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         name: _builtins.str = ...,
         avatar_url: _builtins.str = ...,
+        ssrcs: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["avatar_url", b"avatar_url", "id", b"id", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avatar_url", b"avatar_url", "id", b"id", "name", b"name", "ssrcs", b"ssrcs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
