@@ -292,7 +292,11 @@ class RoomManager:
         self._notify(r, "start")
         return r
 
-    async def stop(self, room: str, kind: str, *, reason: str = "user") -> Room:
+    async def stop(
+        self, room: str, kind: str, *, reason: str = "user", force: bool = False
+    ) -> Room:
+        """Switch ``kind`` off. ``force``: the audio source itself ended (the
+        videobridge closed the session), whatever the trigger."""
         r = self.get(room)
         on = r.transcribing if kind == "transcription" else r.captioning
         if not on:
@@ -300,7 +304,7 @@ class RoomManager:
         mode = (
             r.effective.transcription_mode if kind == "transcription" else r.effective.captions_mode
         )
-        if mode == Mode.AUTO_ON and r.trigger != Trigger.MANUAL:
+        if not force and mode == Mode.AUTO_ON and r.trigger != Trigger.MANUAL:
             raise FailedPrecondition(
                 f"{kind} in room {r.name} was started automatically ({r.trigger.value}) "
                 "and stays on until the room ends"
@@ -419,6 +423,12 @@ class RoomManager:
             await self._drop_speaker(r, pid)
         await self._auto_start(r)
         return r
+
+    async def finish_speaker(self, room: str, pid: str) -> None:
+        """A participant's audio source ended: its open utterance gets its final."""
+        r = self.rooms.get(room.lower())
+        if r is not None:
+            await self._drop_speaker(r, pid)
 
     async def _drop_speaker(self, r: Room, pid: str) -> None:
         sp = r.speakers.pop(pid, None)

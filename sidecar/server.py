@@ -24,6 +24,7 @@ from sidecar.asr.base import Recognizer
 from sidecar.asr.scheduler import Scheduler
 from sidecar.asr.whisper import WhisperOptions, WhisperRecognizer
 from sidecar.config import SidecarConfig
+from sidecar.ingest.mediajson import MediaJsonEndpoint
 from sidecar.pipeline.speaker import GateConfig
 from sidecar.pipeline.vad import SileroVad
 from sidecar.proto.captions.v1 import captions_pb2, captions_pb2_grpc
@@ -80,6 +81,14 @@ class Sidecar:
             gate=GateConfig(max_frame_bytes=lim.max_frame_bytes),
         )
         self.service = CaptionsService(self.rooms, self.store, token)
+        ing = config.ingest
+        self.mediajson = MediaJsonEndpoint(
+            self.rooms,
+            token=ing.token or token,
+            max_message_bytes=ing.max_message_bytes,
+            max_messages_per_second=ing.max_messages_per_second,
+            auto_start=ing.auto_start,
+        )
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.runner: web.AppRunner | None = None
@@ -95,6 +104,7 @@ class Sidecar:
         GrpcWebGateway(
             self.service, service, allow_origin=self.config.server.allow_origin
         ).add_routes(app)
+        self.mediajson.add_routes(app, self.config.ingest.mediajson_path)
         return app
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -162,6 +172,7 @@ class Sidecar:
         await self.health.enter_graceful_shutdown()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace)
+        await self.mediajson.close()
         # open utterances get their finals, transcripts are closed and rendered
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.rooms.close(), 60)

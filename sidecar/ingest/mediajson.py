@@ -1,0 +1,384 @@
+"""The videobridge's media export (``mediajson`` over a WebSocket).
+
+Jicofo tells jitsi-videobridge to open a WebSocket to
+``jicofo.transcription.url-template`` (here ``ws://HOST:PORT/mediajson/{{MEETING_ID}}``)
+with the headers of ``jicofo.transcription.http-headers``. One socket per
+conference carries every audio source: ``start`` names a source (its tag,
+e.g. ``abcd1234-a0``, and the endpoint id), ``media`` carries base64 Opus
+with the RTP sequence number (``chunk``) and timestamp as strings, the
+sender's ``vad`` flag and ``audioLevel``; the bridge pings every 10 s and
+reconnects when no pong comes within 3 s. Captions go back on the same
+socket as ``transcription-result`` messages, which the bridge relays to the
+participants as endpoint messages from "transcriber".
+
+After a reconnect the bridge sends ``start`` again for each source; ``chunk``
+is the extended RTP sequence number, so the speaker's stream goes on where it
+was (a gap is filled as lost frames): the same room, the same transcript.
+Only the newest socket of a room answers, so a reconnect never doubles a
+caption.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import json
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+from prometheus_client import Counter, Gauge
+
+from sidecar.errors import ServiceError
+from sidecar.events import Caption, Frame
+from sidecar.jitsi import caption_json
+from sidecar.rooms import Room, RoomManager, canonical_room, valid_participant
+
+log = logging.getLogger(__name__)
+
+MESSAGES = Counter(
+    "captions_mediajson_messages_total",
+    "mediajson messages from the videobridge, by outcome",
+    ["outcome"],
+)
+CONNECTIONS = Gauge("captions_mediajson_connections", "Open videobridge export sockets")
+CLOSES = Counter("captions_mediajson_closes_total", "Export sockets closed, by reason", ["reason"])
+REPLIES = Counter("captions_mediajson_replies_total", "Captions sent back to the videobridge")
+
+_MEETING_RE = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
+_KNOWN = {
+    "info",
+    "sources",
+    "start",
+    "media",
+    "ping",
+    "pong",
+    "stop",
+    "session-end",
+    "transcription-result",
+}
+CLOSE_POLICY = 1008
+CLOSE_INVALID = 1007
+CLOSE_UNSUPPORTED = 1003
+
+
+class _Reject(Exception):
+    def __init__(self, code: int, reason: str, outcome: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.outcome = outcome
+
+
+class _Bucket:
+    """Token bucket: ``rate`` messages a second with a burst of the same size."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.last = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class _Connection:
+    def __init__(self, endpoint: MediaJsonEndpoint, ws: web.WebSocketResponse, room: str) -> None:
+        self.endpoint = endpoint
+        self.ws = ws
+        self.room = room
+        self.sources: dict[str, str | None] = {}  # tag -> endpoint id (None: not Opus)
+        self.bucket = _Bucket(endpoint.max_messages_per_second)
+        self.send_queue: asyncio.Queue[str] = asyncio.Queue(maxsize=1000)
+        self.sender: asyncio.Task[None] | None = None
+        self.ended = False
+
+    def send(self, c: Caption) -> None:
+        try:
+            self.send_queue.put_nowait(json.dumps(caption_json(c), ensure_ascii=False))
+        except asyncio.QueueFull:
+            MESSAGES.labels("reply_dropped").inc()
+
+    async def send_loop(self) -> None:
+        while True:
+            text = await self.send_queue.get()
+            try:
+                await self.ws.send_str(text)
+                REPLIES.inc()
+            except (ConnectionError, RuntimeError):
+                return
+
+
+class MediaJsonEndpoint:
+    """aiohttp WebSocket handler for the videobridge's media export."""
+
+    def __init__(
+        self,
+        rooms: RoomManager,
+        *,
+        token: str,
+        max_message_bytes: int = 65536,
+        max_messages_per_second: int = 5000,
+        auto_start: bool = True,
+        mapping_wait: float = 2.0,
+    ) -> None:
+        self.rooms = rooms
+        self._token = token.encode()
+        self.max_message_bytes = max_message_bytes
+        self.max_messages_per_second = max_messages_per_second
+        self.auto_start = auto_start
+        self.mapping_wait = mapping_wait
+        self.latest: dict[str, _Connection] = {}
+        self._open: set[_Connection] = set()
+        # finals made while a room's bridge was reconnecting, sent on its return
+        self._backlog: dict[str, deque[Caption]] = {}
+        self._sinks: dict[str, Callable[[Caption], None]] = {}
+
+    def add_routes(self, app: web.Application, path: str) -> None:
+        app.router.add_get(path + "/{meeting_id}", self.handle)
+
+    async def close(self) -> None:
+        for conn in list(self._open):
+            with contextlib.suppress(Exception):
+                await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"sidecar shutting down")
+
+    def _authorised(self, request: web.Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        presented = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        return bool(presented) and hmac.compare_digest(presented.encode(), self._token)
+
+    async def _room_for(self, request: web.Request, meeting_id: str) -> str:
+        explicit = request.query.get("room")
+        if explicit:
+            return canonical_room(explicit)
+        # the Prosody module tells us the meeting id with its start call; the
+        # bridge may be quicker, so give it a moment
+        deadline = time.monotonic() + self.mapping_wait
+        while True:
+            name = self.rooms.room_for_meeting(meeting_id)
+            if name is not None:
+                return name
+            if time.monotonic() >= deadline:
+                return canonical_room(meeting_id)
+            await asyncio.sleep(0.05)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if not self._authorised(request):
+            CLOSES.labels("unauthorised").inc()
+            return web.Response(status=401, text="missing or wrong bearer token\n")
+        meeting_id = request.match_info["meeting_id"]
+        if not _MEETING_RE.match(meeting_id):
+            return web.Response(status=400, text="bad meeting id\n")
+        try:
+            room = await self._room_for(request, meeting_id)
+        except ServiceError as e:
+            return web.Response(status=400, text=f"{e}\n")
+        ws = web.WebSocketResponse(max_msg_size=self.max_message_bytes, autoping=True)
+        await ws.prepare(request)
+        conn = _Connection(self, ws, room)
+        if self.auto_start:
+            try:
+                for kind in ("transcription", "captions"):
+                    await self.rooms.start(
+                        room, kind, requested_by="videobridge", meeting_id=meeting_id
+                    )
+            except ServiceError as e:
+                log.warning("mediajson: room %s refused: %s", room, e)
+                CLOSES.labels("refused").inc()
+                await ws.close(code=CLOSE_POLICY, message=str(e)[:120].encode())
+                return ws
+        try:
+            r = self.rooms.get(room)
+        except ServiceError:
+            CLOSES.labels("no_room").inc()
+            await ws.close(code=CLOSE_POLICY, message=b"room is not transcribing")
+            return ws
+        self.latest[room] = conn
+        self._open.add(conn)
+        self._attach(r)
+        CONNECTIONS.inc()
+        conn.sender = asyncio.create_task(conn.send_loop())
+        for c in self._backlog.pop(room, ()):
+            conn.send(c)
+        log.info("mediajson: videobridge connected for room %s (meeting %s)", room, meeting_id)
+        reason = "closed"
+        try:
+            reason = await self._receive(conn)
+        finally:
+            CLOSES.labels(reason).inc()
+            CONNECTIONS.dec()
+            self._open.discard(conn)
+            if self.latest.get(room) is conn:
+                del self.latest[room]
+            if conn.sender is not None:
+                # let queued captions go out before the socket is gone
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._flush(conn), 1.0)
+                conn.sender.cancel()
+            if not ws.closed:
+                await ws.close()
+        return ws
+
+    def _attach(self, r: Room) -> None:
+        """One sink per room: captions go to the room's newest socket only,
+        so a reconnecting bridge never gets (and relays) a caption twice."""
+        if r.name in self._sinks and self._sinks[r.name] in r.sinks:
+            return
+        name = r.name
+
+        def sink(c: Caption) -> None:
+            conn = self.latest.get(name)
+            if conn is not None:
+                conn.send(c)
+            elif not c.is_interim:
+                self._backlog.setdefault(name, deque(maxlen=100)).append(c)
+
+        self._sinks[name] = sink
+        r.sinks.append(sink)
+
+    @staticmethod
+    async def _flush(conn: _Connection) -> None:
+        while not conn.send_queue.empty() and not conn.ws.closed:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+    async def _receive(self, conn: _Connection) -> str:
+        ws = conn.ws
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                if not conn.bucket.take():
+                    MESSAGES.labels("rate_limited").inc()
+                    await ws.close(code=CLOSE_POLICY, message=b"message rate limit exceeded")
+                    return "rate_limited"
+                try:
+                    await self._message(conn, msg.data)
+                except _Reject as e:
+                    MESSAGES.labels(e.outcome).inc()
+                    await ws.close(code=e.code, message=e.reason[:120].encode())
+                    return e.outcome
+                except Exception:
+                    # a bug must cost this connection at most, never the sidecar
+                    log.exception("mediajson: failed on a message in room %s", conn.room)
+                    MESSAGES.labels("internal").inc()
+                if conn.ended:
+                    await ws.close(code=WSCloseCode.OK, message=b"session ended")
+                    return "session_end"
+            elif msg.type == WSMsgType.BINARY:
+                MESSAGES.labels("binary").inc()
+                await ws.close(code=CLOSE_UNSUPPORTED, message=b"mediajson is JSON text frames")
+                return "binary"
+            elif msg.type == WSMsgType.ERROR:
+                exc = ws.exception()
+                too_big = "too big" in str(exc).lower() or ws.close_code == 1009
+                MESSAGES.labels("too_big" if too_big else "ws_error").inc()
+                return "too_big" if too_big else "ws_error"
+        return "closed"
+
+    async def _message(self, conn: _Connection, data: str) -> None:
+        try:
+            msg = json.loads(data)
+        except ValueError:
+            raise _Reject(CLOSE_INVALID, "invalid JSON", "bad_json") from None
+        if not isinstance(msg, dict) or not isinstance(msg.get("event"), str):
+            raise _Reject(CLOSE_INVALID, "a message must be an object with an 'event'", "malformed")
+        event = msg["event"]
+        if event not in _KNOWN:
+            raise _Reject(CLOSE_UNSUPPORTED, f"unknown event {event[:40]!r}", "unknown_event")
+        if event == "media":
+            self._media(conn, msg.get("media"))
+        elif event == "start":
+            self._start(conn, msg.get("start"))
+        elif event == "ping":
+            MESSAGES.labels("ping").inc()
+            await conn.ws.send_str(json.dumps({"event": "pong", "id": msg.get("id")}))
+        elif event == "stop":
+            MESSAGES.labels("stop").inc()
+            body = msg.get("stop")
+            tag = body.get("tag") if isinstance(body, dict) else None
+            pid = conn.sources.pop(tag, None) if isinstance(tag, str) else None
+            if pid is not None and pid not in conn.sources.values():
+                await self.rooms.finish_speaker(conn.room, pid)
+        elif event == "session-end":
+            MESSAGES.labels("session_end").inc()
+            conn.ended = True
+            self._backlog.pop(conn.room, None)
+            for kind in ("captions", "transcription"):
+                with contextlib.suppress(ServiceError):
+                    await self.rooms.stop(conn.room, kind, force=True)
+        else:
+            if event == "info":
+                log.info(
+                    "mediajson: %s %s in room %s",
+                    msg.get("application"),
+                    msg.get("version"),
+                    conn.room,
+                )
+            MESSAGES.labels(event.replace("-", "_")).inc()
+
+    def _start(self, conn: _Connection, body: Any) -> None:
+        if not isinstance(body, dict) or not isinstance(body.get("tag"), str):
+            raise _Reject(CLOSE_INVALID, "start without a tag", "malformed")
+        tag = body["tag"][:128]
+        fmt = body.get("mediaFormat") or {}
+        params = body.get("customParameters") or {}
+        endpoint = params.get("endpointId") if isinstance(params, dict) else None
+        if not isinstance(endpoint, str) or not endpoint:
+            # source names are "<endpoint>-a<n>"
+            endpoint = tag.rsplit("-", 1)[0]
+        if not valid_participant(endpoint):
+            MESSAGES.labels("bad_endpoint").inc()
+            conn.sources[tag] = None
+            return
+        encoding = str(fmt.get("encoding", "opus")).lower() if isinstance(fmt, dict) else "?"
+        if encoding != "opus":
+            MESSAGES.labels("unsupported_encoding").inc()
+            log.warning("mediajson: source %s is %r, not Opus; ignored", tag, encoding)
+            conn.sources[tag] = None
+            return
+        if len(conn.sources) >= 4 * self.rooms.max_speakers and tag not in conn.sources:
+            raise _Reject(CLOSE_POLICY, "too many sources", "too_many_sources")
+        conn.sources[tag] = endpoint
+        MESSAGES.labels("start").inc()
+
+    def _media(self, conn: _Connection, body: Any) -> None:
+        if not isinstance(body, dict):
+            raise _Reject(CLOSE_INVALID, "media without a body", "malformed")
+        tag = body.get("tag")
+        if tag not in conn.sources:
+            MESSAGES.labels("unknown_source").inc()
+            return
+        endpoint = conn.sources[tag]
+        if endpoint is None:
+            MESSAGES.labels("ignored_source").inc()
+            return
+        try:
+            chunk = int(body.get("chunk", 0))
+            ts = int(body.get("timestamp", 0))
+            payload = base64.b64decode(body.get("payload", ""), validate=True)
+        except (ValueError, TypeError, binascii.Error):
+            MESSAGES.labels("bad_media").inc()
+            return
+        vad = body.get("vad")
+        level = body.get("audioLevel")
+        frame = Frame(
+            payload,
+            chunk & 0xFFFF,
+            ts,
+            voice=vad if isinstance(vad, bool) else None,
+            level_dbov=float(level) if isinstance(level, int | float) else None,
+            arrival=time.monotonic(),
+        )
+        ok = self.rooms.push_frame(conn.room, endpoint, frame)
+        MESSAGES.labels("media" if ok else "media_dropped").inc()
