@@ -694,6 +694,34 @@ class IngestConfig:
 
 
 @dataclass
+class XmppConfig:
+    """``[xmpp]``: the hidden transcriber occupant that posts captions to rooms."""
+
+    enabled: bool = _key(False, kind="bool")
+    # the transcriber account on the hidden domain (config.js hiddenDomain)
+    jid: str = _key("transcriber@recorder.localhost", kind="str", check=_check_nonempty)
+    password: str | None = _key(None, kind="str", optional=True)
+    password_file: Path | None = _key(None, kind="path", optional=True)
+    host: str = _key("", kind="str")  # "" resolves the JID's domain
+    port: int = _key(5222, kind="int", bounds=(1, 65535))
+    nick: str = _key("Transcriber", kind="str", check=_check_nonempty)
+    starttls: bool = _key(True, kind="bool")
+    send_text: bool = _key(False, kind="bool")
+    # "{room}" and "{transcript_id}" are filled in; "" sends no link
+    advertise_url: str = _key("", kind="str")
+
+    def require_password(self) -> str:
+        if self.password:
+            return self.password
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as e:
+                raise ConfigError("configuration", "xmpp.password_file", str(e)) from e
+        raise ConfigError("configuration", "xmpp.password", "is required when xmpp.enabled is true")
+
+
+@dataclass
 class LoggingConfig:
     """``[logging]``."""
 
@@ -724,6 +752,7 @@ class SidecarConfig:
     whisper: WhisperConfig = field(default_factory=WhisperConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    xmpp: XmppConfig = field(default_factory=XmppConfig)
     defaults: EffectiveSettings = field(default_factory=EffectiveSettings)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     config_path: Path | None = None  # the file it was read from, for the log
@@ -735,6 +764,7 @@ _SECTIONS: dict[str, type] = {
     "whisper": WhisperConfig,
     "limits": LimitsConfig,
     "ingest": IngestConfig,
+    "xmpp": XmppConfig,
     "logging": LoggingConfig,
 }
 _ENV_PREFIX = "CAPTIONS_"
@@ -979,6 +1009,7 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
         whisper=whisper,
         limits=sections["limits"],
         ingest=sections["ingest"],
+        xmpp=sections["xmpp"],
         defaults=_build_defaults(values.get("defaults", {})),
         logging=sections["logging"],
         config_path=path,

@@ -28,8 +28,9 @@ from sidecar.ingest.mediajson import MediaJsonEndpoint
 from sidecar.pipeline.speaker import GateConfig
 from sidecar.pipeline.vad import SileroVad
 from sidecar.proto.captions.v1 import captions_pb2, captions_pb2_grpc
-from sidecar.rooms import RoomManager
+from sidecar.rooms import Room, RoomManager
 from sidecar.store.local import LocalDirStore
+from sidecar.xmpp.transcriber import TranscriberOccupant, TranscriberOptions
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +90,40 @@ class Sidecar:
             max_messages_per_second=ing.max_messages_per_second,
             auto_start=ing.auto_start,
         )
+        self.occupant: TranscriberOccupant | None = None
+        x = config.xmpp
+        if x.enabled:
+            self.occupant = TranscriberOccupant(
+                TranscriberOptions(
+                    jid=x.jid,
+                    password=x.require_password(),
+                    host=x.host,
+                    port=x.port,
+                    nick=x.nick,
+                    starttls=x.starttls,
+                    send_text=x.send_text,
+                    advertise_url=x.advertise_url,
+                )
+            )
+            self.rooms.on_change.append(self._room_changed)
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.runner: web.AppRunner | None = None
         self.ports = Ports()
         self.started = time.time()
         self.ready = False
+
+    def _room_changed(self, room: Room, what: str) -> None:
+        """The transcriber occupant is in every room with captions or a transcript on."""
+        occ = self.occupant
+        if occ is None:
+            return
+        if what == "start" and room.active:
+            occ.join(room.name, room.transcript_id)
+            if occ.send_caption not in room.sinks:
+                room.sinks.append(occ.send_caption)
+        elif what == "end" or not room.active:
+            occ.leave(room.name)
 
     def http_app(self) -> web.Application:
         app = web.Application(client_max_size=8 * 1024 * 1024)
@@ -130,6 +159,8 @@ class Sidecar:
             )
         self.scheduler.start()
         self.rooms.start_background()
+        if self.occupant is not None:
+            await self.occupant.start(wait_s=10)
         if preload:
             # the first caption must not wait for the model to load
             await asyncio.to_thread(self.whisper.preload)
@@ -176,6 +207,8 @@ class Sidecar:
         # open utterances get their finals, transcripts are closed and rendered
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.rooms.close(), 60)
+        if self.occupant is not None:
+            await self.occupant.close()
         if self.runner is not None:
             await self.runner.cleanup()
         await self.scheduler.close()

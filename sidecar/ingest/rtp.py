@@ -28,7 +28,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import Counter
 
@@ -151,9 +151,7 @@ def parse_rtp(data: bytes, *, audio_level_ext_id: int = 1) -> RtpPacket:
     csrc_count = b0 & 0x0F
     header_end = FIXED_HEADER + 4 * csrc_count
     if n < header_end:
-        raise RtpError(
-            "short", f"{n} bytes, shorter than the {csrc_count} CSRCs announced", ssrc
-        )
+        raise RtpError("short", f"{n} bytes, shorter than the {csrc_count} CSRCs announced", ssrc)
     csrcs = struct.unpack_from(f"!{csrc_count}I", data, FIXED_HEADER) if csrc_count else ()
 
     voice: bool | None = None
@@ -341,8 +339,8 @@ class RtpIngest(asyncio.DatagramProtocol):
             transport.close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # the selector loop's datagram transport does not subclass DatagramTransport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None

@@ -1,0 +1,304 @@
+"""The hidden transcriber occupant: how captions reach Jitsi Meet through the MUC.
+
+The sidecar logs in as the transcriber account on the hidden domain (e.g.
+``transcriber@recorder.HOST``) and joins each room whose captions are on,
+as Jigasi's transcriber does (jitsi-protocol.md sections 2 and 3):
+
+- every presence carries the jigasi and transcriber features,
+  ``<transcription-status status="ON"/>`` and the nick "Transcriber";
+  lib-jitsi-meet raises the transcribing state only for a hidden-domain
+  member with the transcriber feature, and leaving without ``OFF`` shows
+  "transcribing failed", so ``OFF`` always goes out before leaving;
+- captions are ``json-message`` groupchat messages (lib-jitsi-meet needs a
+  ``type`` key and drops delayed messages; recent jitsi-meet accepts them
+  only from a hidden participant);
+- optionally a plain-text chat line per final and a link to the transcript.
+
+After a connection loss it reconnects with backoff and rejoins every room it
+should be in. Jingle invitations from Jicofo are declined: audio comes from
+the videobridge export or another ingest, never through this session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import slixmpp
+from prometheus_client import Counter, Gauge
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import MatchXPath
+
+from sidecar.events import Caption
+from sidecar.jitsi import caption_json
+
+log = logging.getLogger(__name__)
+
+JITMEET = "http://jitsi.org/jitmeet"
+MUC = "http://jabber.org/protocol/muc"
+MUC_USER = "http://jabber.org/protocol/muc#user"
+NICK = "http://jabber.org/protocol/nick"
+JINGLE = "urn:xmpp:jingle:1"
+FEATURE_JIGASI = "http://jitsi.org/protocol/jigasi"
+FEATURE_TRANSCRIBER = "http://jitsi.org/protocol/transcriber"
+
+SENT = Counter("captions_xmpp_messages_total", "Stanzas sent to rooms", ["kind"])
+CONNECTED = Gauge("captions_xmpp_connected", "1 while the transcriber account is online")
+JOINED = Gauge("captions_xmpp_rooms_joined", "Rooms the transcriber occupant is in")
+RECONNECTS = Counter("captions_xmpp_reconnects_total", "Reconnections after a lost connection")
+JINGLE_DECLINED = Counter("captions_xmpp_jingle_declined_total", "Jingle invitations declined")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TranscriberOptions:
+    jid: str  # transcriber@recorder.example.org
+    password: str
+    host: str = ""  # server to connect to; "" resolves the JID's domain
+    port: int = 5222
+    nick: str = "Transcriber"
+    starttls: bool = True  # False only for a server on loopback
+    send_text: bool = False  # Jigasi's SEND_TXT: finals as plain chat lines too
+    advertise_url: str = ""  # template with {room} and {transcript_id}; "" = off
+
+
+@dataclass
+class _RoomState:
+    room: str
+    resource: str
+    joined: bool = False
+    transcript_id: str = ""
+    advertised: bool = False
+
+
+class TranscriberOccupant:
+    """One XMPP session for all rooms of this sidecar."""
+
+    def __init__(self, options: TranscriberOptions) -> None:
+        self.options = options
+        self.rooms: dict[str, _RoomState] = {}
+        self.client = self._make_client()
+        self._closing = False
+        self._online = asyncio.Event()
+        self._backoff = 1.0
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self.on_joined: list[Callable[[str], None]] = []
+
+    # -- connection --------------------------------------------------------
+    def _make_client(self) -> slixmpp.ClientXMPP:
+        c = slixmpp.ClientXMPP(self.options.jid, self.options.password)
+        c.register_plugin("xep_0030")
+        c.register_plugin("xep_0199", {"keepalive": True, "interval": 30, "timeout": 10})
+        c.enable_starttls = self.options.starttls
+        c.enable_direct_tls = False
+        if not self.options.starttls:
+            # plain TCP is only for a server on the same host (tests, loopback)
+            c.enable_plaintext = True
+            c.plugin["feature_mechanisms"].unencrypted_plain = True
+        c.add_event_handler("session_start", self._session_start)
+        c.add_event_handler("disconnected", self._disconnected)
+        c.add_event_handler("failed_auth", self._failed_auth)
+        c.register_handler(
+            Callback(
+                "room presence",
+                MatchXPath("{jabber:client}presence"),
+                self._presence,  # type: ignore[arg-type]
+            )
+        )
+        c.register_handler(
+            Callback(
+                "jingle",
+                MatchXPath(f"{{jabber:client}}iq/{{{JINGLE}}}jingle"),
+                self._jingle,  # type: ignore[arg-type]
+            )
+        )
+        return c
+
+    async def start(self, wait_s: float = 15.0) -> None:
+        """Connect; waits up to ``wait_s`` for the session, then goes on
+        trying in the background (the sidecar serves without XMPP meanwhile)."""
+        self._connect()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._online.wait(), wait_s)
+        if not self._online.is_set():
+            log.warning("xmpp: not online after %.0f s; will keep trying", wait_s)
+
+    def _connect(self) -> None:
+        if self.options.host:
+            self.client.connect(self.options.host, self.options.port)
+        else:
+            self.client.connect()
+
+    @property
+    def online(self) -> bool:
+        return self._online.is_set()
+
+    async def _session_start(self, _event: object) -> None:
+        self._backoff = 1.0
+        self.client.send_presence()
+        self._online.set()
+        CONNECTED.set(1)
+        log.info("xmpp: online as %s", self.client.boundjid)
+        for state in self.rooms.values():
+            state.joined = False
+            self._send_presence(state, "ON")  # rejoin after a reconnect
+
+    def _failed_auth(self, _event: object) -> None:
+        log.error("xmpp: authentication failed for %s", self.options.jid)
+
+    def _disconnected(self, _event: object) -> None:
+        self._online.clear()
+        CONNECTED.set(0)
+        JOINED.set(0)
+        for state in self.rooms.values():
+            state.joined = False
+        if self._closing:
+            return
+        delay = self._backoff
+        self._backoff = min(30.0, self._backoff * 2)
+        log.warning("xmpp: connection lost; reconnecting in %.0f s", delay)
+        RECONNECTS.inc()
+        self._reconnect_task = asyncio.get_running_loop().create_task(self._later(delay))
+
+    async def _later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if not self._closing:
+            self._connect()
+
+    async def close(self) -> None:
+        self._closing = True
+        for room in list(self.rooms):
+            self.leave(room)
+        await asyncio.sleep(0.2)  # let OFF and the leave presence go out
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.client.disconnect(), 5)
+        CONNECTED.set(0)
+
+    # -- rooms -------------------------------------------------------------
+    def join(self, room: str, transcript_id: str = "") -> None:
+        if room in self.rooms:
+            self.rooms[room].transcript_id = transcript_id or self.rooms[room].transcript_id
+            return
+        # the MUC resource is the occupant's endpoint id, as Jitsi clients use
+        state = _RoomState(room, secrets.token_hex(4), transcript_id=transcript_id)
+        self.rooms[room] = state
+        if self.online:
+            self._send_presence(state, "ON")
+
+    def leave(self, room: str) -> None:
+        state = self.rooms.pop(room, None)
+        if state is None or not self.online:
+            return
+        # OFF first, or the UI shows "transcribing failed"
+        self._send_presence(state, "OFF")
+        self._send_presence(state, "OFF", unavailable=True)
+        JOINED.set(sum(1 for s in self.rooms.values() if s.joined))
+
+    def _send_presence(self, state: _RoomState, status: str, unavailable: bool = False) -> None:
+        pres = self.client.make_presence(pto=f"{state.room}/{state.resource}")
+        if unavailable:
+            pres["type"] = "unavailable"
+        else:
+            pres.append(ET.Element(f"{{{MUC}}}x"))
+        feats = ET.Element(f"{{{JITMEET}}}features")
+        for var in (FEATURE_JIGASI, FEATURE_TRANSCRIBER):
+            f = ET.SubElement(feats, f"{{{JITMEET}}}feature")
+            f.set("var", var)
+        # lib-jitsi-meet looks for these children without a namespace check;
+        # Jigasi sends features in the jabber:client namespace
+        pres.append(_reparent(feats, "jabber:client"))
+        ts = ET.Element("{jabber:client}transcription-status")
+        ts.set("status", status)
+        pres.append(ts)
+        nick = ET.Element(f"{{{NICK}}}nick")
+        nick.text = self.options.nick
+        pres.append(nick)
+        pres.send()
+        SENT.labels("presence").inc()
+
+    def _presence(self, pres: slixmpp.Presence) -> None:
+        room = pres["from"].bare
+        state = self.rooms.get(room)
+        if state is None or pres["from"].resource != state.resource:
+            return
+        if pres["type"] == "error":
+            log.error("xmpp: cannot join %s: %s", room, pres["error"]["condition"])
+            return
+        if pres["type"] != "unavailable" and not state.joined:
+            state.joined = True
+            JOINED.set(sum(1 for s in self.rooms.values() if s.joined))
+            log.info("xmpp: joined %s as %s", room, state.resource)
+            self._advertise(state)
+            for cb in self.on_joined:
+                cb(room)
+
+    def _advertise(self, state: _RoomState) -> None:
+        if not self.options.advertise_url or state.advertised or not state.transcript_id:
+            return
+        url = self.options.advertise_url.format(room=state.room, transcript_id=state.transcript_id)
+        self._groupchat(state.room, body=f"The transcript of this meeting will be at {url}")
+        state.advertised = True
+        SENT.labels("advertise").inc()
+
+    # -- captions ----------------------------------------------------------
+    def send_caption(self, c: Caption) -> None:
+        state = self.rooms.get(c.room)
+        if state is None or not state.joined or not self.online:
+            SENT.labels("not_joined").inc()
+            return
+        self._groupchat(c.room, json_message=caption_json(c))
+        SENT.labels("interim" if c.is_interim else "final").inc()
+        if self.options.send_text and not c.is_interim and c.text:
+            self._groupchat(c.room, body=f"{c.participant_name}: {c.text}")
+            SENT.labels("text").inc()
+
+    def _groupchat(
+        self, room: str, *, body: str | None = None, json_message: dict[str, object] | None = None
+    ) -> None:
+        msg = self.client.make_message(mto=room, mtype="groupchat")
+        if body is not None:
+            msg["body"] = body
+        if json_message is not None:
+            el = ET.Element(f"{{{JITMEET}}}json-message")
+            el.text = json.dumps(json_message, ensure_ascii=False)
+            msg.append(el)
+        msg.send()
+
+    # -- Jingle ------------------------------------------------------------
+    def _jingle(self, iq: slixmpp.Iq) -> None:
+        jingle = iq.xml.find(f"{{{JINGLE}}}jingle")
+        if iq["type"] != "set" or jingle is None:
+            return
+        action = jingle.get("action", "")
+        sid = jingle.get("sid", "")
+        iq.reply().send()  # acknowledge, then decline the session itself
+        if action != "session-initiate":
+            return
+        JINGLE_DECLINED.inc()
+        log.info("xmpp: declining Jingle session %s from %s", sid, iq["from"])
+        term = self.client.make_iq_set(ito=iq["from"])
+        j = ET.SubElement(term.xml, f"{{{JINGLE}}}jingle")
+        j.set("action", "session-terminate")
+        j.set("sid", sid)
+        reason = ET.SubElement(j, f"{{{JINGLE}}}reason")
+        ET.SubElement(reason, f"{{{JINGLE}}}decline")
+        text = ET.SubElement(reason, f"{{{JINGLE}}}text")
+        text.text = "audio for transcription comes from the videobridge export"
+        term.send()
+
+
+def _reparent(el: ET.Element, ns: str) -> ET.Element:
+    """Copy of ``el`` with its tree moved into namespace ``ns``."""
+    local = el.tag.split("}", 1)[-1]
+    out = ET.Element(f"{{{ns}}}{local}", el.attrib)
+    out.text = el.text
+    for child in el:
+        out.append(_reparent(child, ns))
+    return out

@@ -1,0 +1,124 @@
+"""A real Prosody (Debian's 0.12) with its own config in a temp dir, for tests.
+
+Virtual hosts as in a Jitsi install: ``localhost`` for users,
+``recorder.localhost`` as the hidden domain of the transcriber, and the MUC
+component ``conference.localhost`` with public real JIDs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+DOMAIN = "localhost"
+HIDDEN = "recorder.localhost"
+MUC = "conference.localhost"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Prosody:
+    root: Path
+    port: int
+    config: Path
+    proc: subprocess.Popen[bytes] | None = None
+    extra_modules: list[str] = field(default_factory=list)
+    plugin_paths: list[str] = field(default_factory=list)
+    muc_options: str = ""
+
+    def write_config(self) -> None:
+        plugins = ", ".join(f'"{p}"' for p in self.plugin_paths)
+        muc_modules = ", ".join(f'"{m}"' for m in self.extra_modules)
+        self.config.write_text(
+            f"""
+run_as_root = true
+pidfile = "{self.root}/prosody.pid"
+data_path = "{self.root}/data"
+log = {{ {{ levels = {{ min = "debug" }}, to = "file", filename = "{self.root}/prosody.log" }} }}
+c2s_ports = {{ {self.port} }}
+c2s_interfaces = {{ "127.0.0.1" }}
+s2s_ports = {{ }}
+component_ports = {{ }}
+http_ports = {{ }}
+https_ports = {{ }}
+certificates = "{self.root}/certs"
+c2s_require_encryption = false
+allow_unencrypted_plain_auth = true
+authentication = "internal_plain"
+modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; "posix" }}
+modules_disabled = {{ "s2s"; "tls" }}
+plugin_paths = {{ {plugins} }}
+VirtualHost "{DOMAIN}"
+VirtualHost "{HIDDEN}"
+Component "{MUC}" "muc"
+  modules_enabled = {{ {muc_modules} }}
+  muc_room_default_public_jids = true
+  muc_room_locking = false
+{self.muc_options}
+"""
+        )
+
+    def register(self, user: str, host: str, password: str) -> None:
+        subprocess.run(
+            ["prosodyctl", "--config", str(self.config), "register", user, host, password],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+
+    def start(self) -> None:
+        (self.root / "data").mkdir(exist_ok=True)
+        (self.root / "certs").mkdir(exist_ok=True)
+        self.write_config()
+        self.proc = subprocess.Popen(
+            ["prosody", "--config", str(self.config), "-F"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"prosody exited:\n{self.log()[-3000:]}") from None
+                time.sleep(0.1)
+        raise RuntimeError("prosody did not open its port")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log(self) -> str:
+        p = self.root / "prosody.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+
+def make_prosody(tmp_path: Path, **kw: object) -> Prosody:
+    if shutil.which("prosody") is None:
+        pytest.skip("prosody is not installed (apt-get install prosody)")
+    root = tmp_path / "prosody"
+    root.mkdir()
+    return Prosody(root=root, port=free_port(), config=root / "prosody.cfg.lua", **kw)  # type: ignore[arg-type]
