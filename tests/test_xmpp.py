@@ -98,8 +98,8 @@ class Participant_(slixmpp.ClientXMPP):
         return out
 
 
-async def wait_for(cond, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
+async def wait_for(cond, limit: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + limit
     while not cond():
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
