@@ -25,6 +25,7 @@ from sidecar.asr.scheduler import Scheduler
 from sidecar.asr.whisper import WhisperOptions, WhisperRecognizer
 from sidecar.config import SidecarConfig
 from sidecar.ingest.mediajson import MediaJsonEndpoint
+from sidecar.ingest.rtp import RtpIngest
 from sidecar.pipeline.speaker import GateConfig
 from sidecar.pipeline.vad import SileroVad
 from sidecar.proto.captions.v1 import captions_pb2, captions_pb2_grpc
@@ -46,6 +47,7 @@ def _split(listen: str) -> tuple[str, int]:
 class Ports:
     grpc: int = 0
     http: int = 0
+    rtp: int = 0
 
 
 class Sidecar:
@@ -90,6 +92,10 @@ class Sidecar:
             max_messages_per_second=ing.max_messages_per_second,
             auto_start=ing.auto_start,
         )
+        self.rtp: RtpIngest | None = None
+        if ing.rtp_listen:
+            # room for the RTP header and extensions on top of the payload limit
+            self.rtp = RtpIngest(self.rooms, max_packet_bytes=min(65535, lim.max_frame_bytes + 128))
         self.occupant: TranscriberOccupant | None = None
         x = config.xmpp
         if x.enabled:
@@ -187,6 +193,9 @@ class Sidecar:
         sockets = getattr(server_obj, "sockets", None) or []
         self.ports.http = sockets[0].getsockname()[1] if sockets else port
 
+        if self.rtp is not None:
+            self.ports.rtp = await self.rtp.start(*_split(self.config.ingest.rtp_listen))
+
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self.ready = True
@@ -204,6 +213,8 @@ class Sidecar:
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace)
         await self.mediajson.close()
+        if self.rtp is not None:
+            self.rtp.close()
         # open utterances get their finals, transcripts are closed and rendered
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.rooms.close(), 60)
