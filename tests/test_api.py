@@ -1001,6 +1001,7 @@ async def test_subscription_receives_live_captions(tmp_path: Path) -> None:
         assert duration_ms * 0.6 <= final.end_time_ms - final.start_time_ms <= duration_ms + 1000
         assert final.start_time_ms - t0 <= 1500
         for _, e in interims:
+            print(f"  interim {e.start_time_ms - t0}..{e.end_time_ms - t0} {e.text!r}")
             assert final.start_time_ms - 500 <= e.start_time_ms <= e.end_time_ms
             assert e.end_time_ms <= final.end_time_ms + 500
         finals[transport] = final

@@ -72,8 +72,10 @@ class Server:
 
 
 @contextlib.asynccontextmanager
-async def serve(engine: Engine, **limits: int) -> AsyncIterator[Server]:
-    endpoint = SkynetEndpoint(engine.rooms, token=TOKEN, **limits)  # type: ignore[arg-type]
+async def serve(engine: Engine, max_messages_per_second: int = 5000) -> AsyncIterator[Server]:
+    endpoint = SkynetEndpoint(
+        engine.rooms, token=TOKEN, max_messages_per_second=max_messages_per_second
+    )
     app = web.Application()
     endpoint.add_routes(app, PATH)
     runner = web.AppRunner(app, access_log=None)
@@ -246,7 +248,7 @@ async def test_captions_go_back_for_this_connections_participants_only(fast: Ser
     for c in published:  # what the room does when it publishes
         for sink in list(room.sinks):
             sink(c)
-    got = []
+    got: list[dict[str, object]] = []
     async with asyncio.timeout(5):
         while len(got) < 2:
             msg = await ws.receive()

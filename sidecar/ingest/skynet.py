@@ -152,8 +152,8 @@ def caption_reply(caption: Caption) -> str:
             "ts": int(caption.start_time_ms),
             "text": caption.text,
             "type": "final" if final else "interim",
-            # float() always serialises with a point ("1.0"), which Jigasi's
-            # getFloat and strict clients that want a double both accept
+            # always a Python float, so it is written "1.0" or "0.5", never as
+            # an integer: Jigasi reads it as a double
             "variance": 1.0 if final else _stability(caption.stability),
         },
         ensure_ascii=False,
