@@ -26,6 +26,7 @@ from sidecar.asr.whisper import WhisperOptions, WhisperRecognizer
 from sidecar.config import SidecarConfig
 from sidecar.ingest.mediajson import MediaJsonEndpoint
 from sidecar.ingest.rtp import RtpIngest
+from sidecar.ingest.skynet import SkynetEndpoint
 from sidecar.pipeline.speaker import GateConfig
 from sidecar.pipeline.vad import SileroVad
 from sidecar.proto.captions.v1 import captions_pb2, captions_pb2_grpc
@@ -92,6 +93,13 @@ class Sidecar:
             max_messages_per_second=ing.max_messages_per_second,
             auto_start=ing.auto_start,
         )
+        self.skynet = SkynetEndpoint(
+            self.rooms,
+            token=ing.token or token,
+            max_message_bytes=ing.max_message_bytes,
+            max_messages_per_second=ing.max_messages_per_second,
+            auto_start=ing.auto_start,
+        )
         self.rtp: RtpIngest | None = None
         if ing.rtp_listen:
             # room for the RTP header and extensions on top of the payload limit
@@ -140,6 +148,7 @@ class Sidecar:
             self.service, service, allow_origin=self.config.server.allow_origin
         ).add_routes(app)
         self.mediajson.add_routes(app, self.config.ingest.mediajson_path)
+        self.skynet.add_routes(app, self.config.ingest.skynet_path)
         return app
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -213,6 +222,7 @@ class Sidecar:
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace)
         await self.mediajson.close()
+        await self.skynet.close()
         if self.rtp is not None:
             self.rtp.close()
         # open utterances get their finals, transcripts are closed and rendered
