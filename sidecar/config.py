@@ -691,6 +691,10 @@ class IngestConfig:
     max_messages_per_second: int = _key(5000, kind="int", bounds=(10, 1_000_000))
     # the bridge connecting starts captions and transcription in its room
     auto_start: bool = _key(True, kind="bool")
+    # Jigasi authenticates with an RS256 JWT (ASAP); public keys here, named
+    # <sha256 hex of kid>.pem or <kid>.pem. Unset: only the shared token.
+    jigasi_public_keys_dir: Path | None = _key(None, kind="path", optional=True)
+    jigasi_audience: str = _key("jitsi", kind="str", check=_check_nonempty)
 
 
 @dataclass

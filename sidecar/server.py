@@ -99,6 +99,8 @@ class Sidecar:
             max_message_bytes=ing.max_message_bytes,
             max_messages_per_second=ing.max_messages_per_second,
             auto_start=ing.auto_start,
+            jwt_keys_dir=ing.jigasi_public_keys_dir,
+            jwt_audience=ing.jigasi_audience,
         )
         self.rtp: RtpIngest | None = None
         if ing.rtp_listen:

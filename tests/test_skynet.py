@@ -403,3 +403,45 @@ async def test_two_participants_in_one_connection_get_their_captions(tmp_path: P
         assert {x["speaker_id"] for x in lines} == set(speakers)
     finally:
         await engine.close()
+
+
+async def test_jigasi_asap_jwt_is_checked_against_its_public_key(fast: Server, tmp_path: Path):
+    """Jigasi signs a short-lived RS256 JWT with a kid and sends it as ?auth_token=."""
+    import hashlib as _hashlib
+    import time as _time
+
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    keys = tmp_path / "asap"
+    keys.mkdir()
+    kid = "jitsi/jigasi"
+    (keys / f"{_hashlib.sha256(kid.encode()).hexdigest()}.pem").write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    fast.endpoint.jwt_keys_dir = keys
+
+    def token(signer, *, exp: float, aud: str = "jitsi", k: str = kid) -> str:  # type: ignore[no-untyped-def]
+        now = int(_time.time())
+        claims = {"iss": "jigasi", "aud": aud, "iat": now, "nbf": now, "exp": int(now + exp)}
+        return jwt.encode(claims, signer, algorithm="RS256", headers={"kid": k})
+
+    async def status(tok: str) -> int:
+        try:
+            ws = await fast.http.ws_connect(fast.url("jwt-room") + f"?auth_token={tok}")
+        except aiohttp.WSServerHandshakeError as e:
+            return e.status
+        await ws.close()
+        return 101
+
+    assert await status(token(key, exp=300)) == 101
+    assert await status(token(key, exp=-10)) == 401  # expired
+    assert await status(token(other, exp=300)) == 401  # signed by someone else
+    assert await status(token(key, exp=300, aud="elsewhere")) == 401
+    assert await status(token(key, exp=300, k="unknown-kid")) == 401
+    assert await status("not.a.jwt") == 401

@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
 import math
+import re
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -63,6 +66,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_KID_RE = re.compile(r"^[A-Za-z0-9._/-]{1,256}$")
 
 HEADER_BYTES = 60
 END_OF_STREAM = b"\x00"
@@ -396,6 +400,8 @@ class SkynetEndpoint:
         max_message_bytes: int = 65536,
         max_messages_per_second: int = 5000,
         auto_start: bool = True,
+        jwt_keys_dir: Path | None = None,
+        jwt_audience: str = "jitsi",
     ) -> None:
         if not token:
             # an empty secret would let an empty bearer header in
@@ -407,6 +413,8 @@ class SkynetEndpoint:
         self.max_message_bytes = max_message_bytes
         self.max_messages_per_second = max_messages_per_second
         self.auto_start = auto_start
+        self.jwt_keys_dir = jwt_keys_dir
+        self.jwt_audience = jwt_audience
         self._open: set[_Connection] = set()
         # ends of streams still saving transcripts; close() waits for them
         self._finishing: set[asyncio.Task[None]] = set()
@@ -445,7 +453,41 @@ class SkynetEndpoint:
         for candidate in presented:
             # compare every candidate, so timing does not tell which one was tried
             ok |= hmac.compare_digest(candidate.encode("utf-8"), self._token)
+        if not ok and self.jwt_keys_dir is not None:
+            ok = any(self._valid_jwt(c) for c in presented)
         return ok
+
+    def _valid_jwt(self, token: str) -> bool:
+        """Jigasi signs a short-lived RS256 JWT (ASAP) with a ``kid``; its
+        public key is ``<jwt_keys_dir>/<sha256 hex of kid>.pem`` (the layout of
+        Jitsi's ASAP key servers) or ``<kid>.pem``."""
+        import jwt
+
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.PyJWTError:
+            return False
+        if not isinstance(kid, str) or not _KID_RE.match(kid):
+            return False
+        assert self.jwt_keys_dir is not None
+        for name in (hashlib.sha256(kid.encode()).hexdigest(), kid):
+            path = self.jwt_keys_dir / f"{name}.pem"
+            if not path.is_file():
+                continue
+            try:
+                jwt.decode(
+                    token,
+                    path.read_bytes(),
+                    algorithms=["RS256"],
+                    audience=self.jwt_audience,
+                    options={"require": ["exp"]},
+                )
+            except jwt.PyJWTError as e:
+                log.warning("skynet: JWT of kid %r refused: %s", kid, e)
+                return False
+            return True
+        log.warning("skynet: no public key for JWT kid %r", kid)
+        return False
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The aiohttp handler; never raises (a failure costs this socket only)."""
