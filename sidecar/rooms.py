@@ -58,23 +58,24 @@ SUBSCRIBER_DROPS = Counter(
     "captions_subscriber_dropped_total", "Caption events not delivered to a slow subscriber"
 )
 
-_ROOM_RE = re.compile(r"^[^\s@/\\\"&'<>:]{1,256}(@[A-Za-z0-9.\-]{1,253})?$")
-_PARTICIPANT_RE = re.compile(r"^[A-Za-z0-9._~\-]{1,64}$")
-_MEETING_RE = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
+_ROOM_RE = re.compile(r"[^\s\x00-\x1f\x7f@/\\\"&'<>:]{1,256}(@[A-Za-z0-9.\-]{1,253})?")
+_PARTICIPANT_RE = re.compile(r"[A-Za-z0-9._~\-]{1,64}")
+_MEETING_RE = re.compile(r"[A-Za-z0-9._\-]{1,128}")
 
 
 def canonical_room(room: str) -> str:
-    if not isinstance(room, str) or not _ROOM_RE.match(room or ""):
+    if not isinstance(room, str) or not _ROOM_RE.fullmatch(room):
         raise InvalidArgument(
             "room",
-            f"{room[:80]!r} is not a room name (ROOM or ROOM@conference.HOST, "
-            "1..256 characters, no spaces, quotes, slashes, '<', '>', '&' or ':')",
+            f"{room[:80]!r} is not a room name (ROOM or ROOM@conference.HOST; ROOM is "
+            "1..256 characters without spaces, control characters, quotes, slashes, "
+            "'<', '>', '&' or ':')",
         )
     return room.lower()
 
 
 def valid_participant(pid: str) -> bool:
-    return bool(_PARTICIPANT_RE.match(pid))
+    return isinstance(pid, str) and bool(_PARTICIPANT_RE.fullmatch(pid))
 
 
 @dataclass(slots=True)
@@ -272,11 +273,14 @@ class RoomManager:
             )
         was_active = r.active
         if meeting_id:
-            if not _MEETING_RE.match(meeting_id):
+            if not _MEETING_RE.fullmatch(meeting_id):
                 raise InvalidArgument("meeting_id", "1..128 characters of [A-Za-z0-9._-]")
             r.meeting_id = meeting_id
             self.meetings[meeting_id] = r.name
-        r.start_settings = start
+        # a later start's parameters add to the earlier ones: starting captions
+        # without settings must not undo the language transcription started with
+        r.start_settings = r.start_settings.merged(start) if was_active else start
+        eff = self._resolve(r)
         self._apply(r, eff)
         r.live = live
         if not was_active:
@@ -593,8 +597,12 @@ class RoomManager:
 
     def unsubscribe(self, room: str, sub: Subscriber) -> None:
         r = self.rooms.get(room.lower())
-        if r is not None:
-            r.subscribers.discard(sub)
+        if r is None:
+            return
+        r.subscribers.discard(sub)
+        # a room made only for a subscription leaves with its last subscriber
+        if not (r.active or r.subscribers or r.roster_known or r.room_settings.set_fields()):
+            del self.rooms[r.name]
 
 
 def _iso(ms: int) -> str:

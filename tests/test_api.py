@@ -440,10 +440,9 @@ BAD_ROOMS = {
 async def test_invalid_room_names_are_invalid_argument(
     api: Api, sidecar: Sidecar, method: str
 ) -> None:
-    for label, name in BAD_ROOMS.items():
+    for name in BAD_ROOMS.values():
         err = await api.error(method, ROOM_METHODS[method](room=name))
         assert_invalid(err, "room", "is not a room name", repr(name[:80]))
-        assert label
     assert sidecar.rooms.rooms == {}
 
 
@@ -486,7 +485,7 @@ async def test_bad_settings_name_the_field_and_the_range(
         err = await api.error(method, request)
         assert_invalid(err, field, *fragments)
     # a rejected call leaves nothing behind
-    assert ROOM not in sidecar.rooms.rooms or not sidecar.rooms.rooms[ROOM].active
+    assert sidecar.rooms.rooms == {}
     assert sidecar.store.list() == []
 
 
@@ -1000,10 +999,14 @@ async def test_subscription_receives_live_captions(tmp_path: Path) -> None:
         assert final.end_time_ms <= final.timestamp_ms <= final_at + 50
         assert duration_ms * 0.6 <= final.end_time_ms - final.start_time_ms <= duration_ms + 1000
         assert final.start_time_ms - t0 <= 1500
+        # an interim covers the audio so far: it may run into the silence that
+        # ended the utterance (silence_duration_ms, 700 by default), which the
+        # final leaves out
         for _, e in interims:
-            print(f"  interim {e.start_time_ms - t0}..{e.end_time_ms - t0} {e.text!r}")
             assert final.start_time_ms - 500 <= e.start_time_ms <= e.end_time_ms
-            assert e.end_time_ms <= final.end_time_ms + 500
+            assert e.end_time_ms <= final.end_time_ms + 1000
+        ends = [e.end_time_ms for _, e in interims]
+        assert ends == sorted(ends)
         finals[transport] = final
     # both transports carried the very same final
     assert finals["grpc"] == finals["grpc-web"]
@@ -1024,10 +1027,6 @@ async def test_subscription_receives_live_captions(tmp_path: Path) -> None:
 # against exactly this with fullmatch() (sidecar/store/base.py).
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rooms.canonical_room: _ROOM_RE.match with '$' accepts a trailing newline",
-)
 @pytest.mark.parametrize("name", ["weekly\n", "weekly@conference.meet.test\n"])
 async def test_room_name_with_a_trailing_newline_is_invalid(
     api: Api, sidecar: Sidecar, name: str
@@ -1037,20 +1036,12 @@ async def test_room_name_with_a_trailing_newline_is_invalid(
     assert sidecar.rooms.rooms == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rooms.valid_participant: _PARTICIPANT_RE.match with '$' accepts a trailing newline",
-)
 async def test_endpoint_id_with_a_trailing_newline_is_invalid(api: Api) -> None:
     request = pb.UpdateRosterRequest(room=ROOM, participants=[pb.Participant(id="alice\n")])
     err = await api.error("UpdateRoster", request)
     assert_invalid(err, "participants.id", "is not an endpoint id")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rooms.RoomManager.start: _MEETING_RE.match with '$' accepts a trailing newline",
-)
 async def test_meeting_id_with_a_trailing_newline_is_invalid(api: Api) -> None:
     err = await api.error("StartCaptions", pb.StartRequest(room=ROOM, meeting_id="m1\n"))
     assert_invalid(err, "meeting_id", "[A-Za-z0-9._-]")
