@@ -33,6 +33,7 @@ lint: install
 	$(VENV)/bin/ruff check sidecar tests bench
 	$(VENV)/bin/ruff format --check sidecar tests bench
 	$(VENV)/bin/mypy
+	cd prosody-module && luacheck .
 
 bench: install
 	$(PY) bench/run.py --out docs/benchmarks.md
