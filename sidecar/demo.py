@@ -1,37 +1,36 @@
 """The live demo: a short meeting of three synthetic voices, captioned live.
 
-Audio goes in as 20 ms Opus frames per participant in real time, as a
-videobridge would send it; captions are shown as a participant sees them
-(interims updating in place, then the final), and the transcript files are
-listed at the end.
+It starts the sidecar (local Whisper, nothing configured) and the conference
+simulator, which plays the meeting as jitsi-videobridge does: one mediajson
+WebSocket, 20 ms Opus frames per participant in real time, with the sender's
+voice flag and audio level. Captions come back on that socket and are shown
+as a participant sees them: interims updating in place, then the final.
+The transcript files are listed at the end.
 """
 
 from __future__ import annotations
 
-import asyncio
+import secrets
 import sys
 import time
+import uuid
 from pathlib import Path
 
-from sidecar.audio import OpusEncoder
-from sidecar.config import RoomSettings
-from sidecar.engine import Engine
-from sidecar.events import Caption, Frame
-from sidecar.rooms import Participant
-from sidecar.sim.voices import build_conversation
+from sidecar.config import load_config
+from sidecar.server import Sidecar
+from sidecar.sim.conference import ReceivedCaption, SimConfig, SimParticipant, run_conference
 
 SCRIPT = [
-    ("alice", "Good morning everyone. Let's start with the release plan for next week."),
-    ("bob", "The build is green and the installer works on a fresh server."),
-    ("carol", "I still need to check the captions on the mobile app."),
-    ("alice", "Great. Please send me the results by Thursday."),
-    ("bob", "Will do. Thanks everyone."),
+    ("Alice", "Good morning everyone. Let's start with the release plan for next week."),
+    ("Bob", "The build is green and the installer works on a fresh server."),
+    ("Carol", "I still need to check the captions on the mobile app."),
+    ("Alice", "Great. Please send me the results by Thursday."),
+    ("Bob", "Will do. Thanks everyone."),
 ]
-NAMES = {"alice": "Alice", "bob": "Bob", "carol": "Carol"}
 
 
 class TerminalView:
-    """Finals scroll up; each speaker's interim is redrawn in place below."""
+    """Finals scroll up; each speaker's interim is redrawn in place below them."""
 
     def __init__(self, stream=sys.stdout) -> None:  # type: ignore[no-untyped-def]
         self.out = stream
@@ -52,52 +51,74 @@ class TerminalView:
             self.out.write(f"\x1b[2m  {name}: {text} …\x1b[0m\n")
         self.drawn = len(self.interims)
 
-    def show(self, cap: Caption) -> None:
+    def show(self, name: str, text: str, interim: bool) -> None:
         t = time.monotonic() - self.t0
         self._clear()
-        if cap.is_interim:
-            self.interims[cap.participant_name] = cap.text
+        if interim:
+            self.interims[name] = text
         else:
-            self.interims.pop(cap.participant_name, None)
-            if cap.text:
-                self.out.write(f"[{t:5.1f}s] {cap.participant_name}: {cap.text}\n")
+            self.interims.pop(name, None)
+            if text:
+                self.out.write(f"[{t:5.1f}s] {name}: {text}\n")
         self._draw()
         self.out.flush()
 
 
 async def run_demo(out_dir: Path, *, realtime: bool = True) -> int:
-    print("Synthesising a short meeting (espeak-ng, three voices)…", flush=True)
-    conv = await asyncio.to_thread(build_conversation, SCRIPT, gap=0.9)
-    engine = Engine(out_dir)
-    print("Loading local Whisper (tiny.en, no network)…", flush=True)
-    await engine.start()
+    token = secrets.token_urlsafe(16)
+    config = load_config(
+        None,
+        env={
+            "CAPTIONS_SERVER_TOKEN": token,
+            "CAPTIONS_SERVER_GRPC_LISTEN": "127.0.0.1:0",
+            "CAPTIONS_SERVER_HTTP_LISTEN": "127.0.0.1:0",
+            "CAPTIONS_STORE_STORE_DIR": str(out_dir),
+        },
+    )
+    print("Starting the captions sidecar on local Whisper (tiny.en, no network)…", flush=True)
+    sidecar = Sidecar(config)
+    await sidecar.start()
     room = "demo@conference.localhost"
-    await engine.rooms.update_roster(room, [Participant(k, v) for k, v in NAMES.items()])
+    meeting = str(uuid.uuid4())
     view = TerminalView()
-    r = await engine.rooms.start(room, "transcription", RoomSettings(), requested_by="demo")
-    await engine.rooms.start(room, "captions")
-    r.sinks.append(view.show)
+    sim = SimConfig(
+        participants=[SimParticipant(name=n) for n in ("Alice", "Bob", "Carol")],
+        script=SCRIPT,
+        url=f"ws://127.0.0.1:{sidecar.ports.http}/mediajson/{meeting}",
+        room=room,
+        token=token,
+        grpc=f"127.0.0.1:{sidecar.ports.grpc}",
+        realtime=realtime,
+        listeners=5,
+        gap=0.9,
+        on_caption=lambda c: view.show(c.participant_name, c.text, c.is_interim),
+    )
     print(
-        f"Meeting of {conv.duration:.0f} s starts; captions appear as they are spoken:\n",
+        "Playing a three-person meeting as the videobridge would (plus 5 silent listeners);\n"
+        "captions appear as they are spoken:\n",
         flush=True,
     )
-    encoders = {s: OpusEncoder() for s in conv.tracks}
-    packets = {s: encoders[s].encode(track) for s, track in conv.tracks.items()}
-    n = min(len(p) for p in packets.values())
-    t0 = time.monotonic()
-    view.t0 = t0
-    for i in range(n):
-        for s, pk in packets.items():
-            engine.rooms.push_frame(room, s, Frame(pk[i], i % 65536, i * 960))
-        if realtime:
-            await asyncio.sleep(max(0.0, t0 + (i + 1) * 0.02 - time.monotonic()))
-        elif i % 50 == 0:
-            await asyncio.sleep(0)
-    tid = r.transcript_id
-    await engine.rooms.end_room(room)
-    await engine.close()
-    folder = engine.store.root / tid
-    print("\nTranscript saved:")
-    for f in sorted(folder.iterdir()):
-        print(f"  {f}")
-    return 0
+    view.t0 = time.monotonic()
+    try:
+        report = await run_conference(sim)
+    finally:
+        await sidecar.stop()
+    print(
+        f"\n{report.finals} captions for {len(report.utterances)} utterances; final caption "
+        f"{_fmt(report.final_latency_p50)} after the end of speech (median), first interim "
+        f"{_fmt(report.first_interim_latency_p50)} after its start."
+    )
+    metas = sidecar.store.list(room)
+    if metas:
+        folder = sidecar.store.root / metas[0].id
+        print("Transcript saved:")
+        for f in sorted(folder.iterdir()):
+            print(f"  {f}")
+    return 0 if report.finals else 1
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f} s"
+
+
+__all__ = ["ReceivedCaption", "run_demo"]

@@ -41,14 +41,19 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import aiohttp
+import grpc
 import numpy as np
 
 from sidecar.audio import FRAME_MS, SAMPLE_RATE, OpusEncoder, load_audio
+from sidecar.proto.captions.v1 import captions_pb2 as pb
+from sidecar.proto.captions.v1 import captions_pb2_grpc as pb_grpc
+from sidecar.sim.voices import VOICES, build_conversation
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,8 @@ __all__ = [
     "SimReport",
     "UtteranceResult",
     "frame_level",
+    "normalise",
+    "rtp_packet",
     "run_conference",
     "speech_segments",
     "word_error_rate",
@@ -70,8 +77,8 @@ RTP_CLOCK_PER_FRAME = 48000 * FRAME_MS // 1000  # Opus RTP clock is always 48 kH
 OPUS_PT = 111
 AUDIO_LEVEL_EXT_ID = 1
 SILENT_LEVEL = 127
-# a file source is padded with this much silence after its last sample so
-# that the sidecar's segmenter sees the end of the last utterance
+# every stream goes on this long after the last speech ends, so that the
+# sidecar's segmenter hears the silence that ends the last utterance
 TAIL_S = 1.5
 # gRPC metadata key of the control API's bearer token
 _AUTH = "authorization"
@@ -152,9 +159,9 @@ class SimConfig:
                 raise ValueError("reconnect_at is a mediajson feature")
         if self.grpc and not self.room:
             raise ValueError("grpc needs room")
-        for name, p in (("loss", self.loss), ("duplicate", self.duplicate)):
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"{name} must be in [0, 1)")
+        for what, prob in (("loss", self.loss), ("duplicate", self.duplicate)):
+            if not 0.0 <= prob < 1.0:
+                raise ValueError(f"{what} must be in [0, 1)")
         if self.jitter_ms < 0:
             raise ValueError("jitter_ms must be >= 0")
         if self.listeners < 0:
@@ -162,10 +169,10 @@ class SimConfig:
         names = [p.name for p in self.participants]
         if len(set(names)) != len(names):
             raise ValueError("participant names must be unique")
+        scripted = {who for who, _ in self.script or ()}
         for p in self.participants:
-            if (p.audio is None) == (p.text is None) and not (p.audio is None and self.script):
-                if p.audio is not None:
-                    continue  # a file with a reference text
+            # a file may carry a reference text; espeak speech needs words
+            if p.audio is None and not p.text and p.name not in scripted:
                 raise ValueError(f"participant {p.name!r}: give audio or text")
             if p.endpoint and not re.fullmatch(r"[A-Za-z0-9._~\-]{1,64}", p.endpoint):
                 raise ValueError(f"participant {p.name!r}: bad endpoint id {p.endpoint!r}")
@@ -194,6 +201,8 @@ class ReceivedCaption:
     start_time_ms: int | None = None  # gRPC only: epoch ms of the utterance
     end_time_ms: int | None = None
     t: float | None = None  # arrival in seconds of the conference's audio timeline
+    start_t: float | None = None  # gRPC only: the utterance on the audio timeline
+    end_t: float | None = None
 
 
 @dataclass
@@ -339,6 +348,17 @@ def frame_level(pcm: np.ndarray, vad_threshold_dbov: float = 50.0) -> tuple[int,
     return level, level < vad_threshold_dbov
 
 
+def _levels(track: np.ndarray, vad_threshold_dbov: float) -> tuple[list[int], list[bool]]:
+    """:func:`frame_level` of every whole frame of ``track``, in one pass."""
+    n = len(track) // FRAME_SAMPLES
+    frames = track[: n * FRAME_SAMPLES].reshape(n, FRAME_SAMPLES).astype(np.float64)
+    rms = np.sqrt(np.mean(np.square(frames), axis=1))
+    with np.errstate(divide="ignore"):
+        dbov = np.where(rms > 0, -20.0 * np.log10(rms), SILENT_LEVEL)
+    levels = np.clip(np.round(dbov), 0, SILENT_LEVEL).astype(int)
+    return levels.tolist(), (levels < vad_threshold_dbov).tolist()
+
+
 def speech_segments(
     pcm: np.ndarray,
     *,
@@ -348,18 +368,21 @@ def speech_segments(
 ) -> list[tuple[float, float]]:
     """(start, end) seconds of speech in ``pcm`` found by frame energy.
 
-    A frame is speech when it is louder than ``floor_dbfs`` and 15 dB above
-    the recording's noise floor (its 10th-percentile frame), so hiss in an
-    old recording does not count. Pauses shorter than ``min_silence`` (the
-    sidecar's default end-of-utterance silence) do not split an utterance,
-    and bursts shorter than ``min_speech`` are clicks, not speech.
+    A frame is speech when it is louder than ``floor_dbfs`` and 10 dB above
+    the recording's noise floor, taken as its quietest frames (the 1st
+    percentile), so that the hiss of an old recording does not count. A
+    higher percentile would land inside the speech of a file that has little
+    silence (a clip trimmed to its words) and cut its soft edges. Pauses
+    shorter than ``min_silence`` (the sidecar's default end-of-utterance
+    silence) do not split an utterance, and bursts shorter than
+    ``min_speech`` are clicks, not speech.
     """
     n = len(pcm) // FRAME_SAMPLES
     if n == 0:
         return []
     frames = pcm[: n * FRAME_SAMPLES].reshape(n, FRAME_SAMPLES).astype(np.float64)
     db = 10 * np.log10(np.mean(frames**2, axis=1) + 1e-12)
-    threshold = max(floor_dbfs, float(np.percentile(db, 10)) + 15.0)
+    threshold = max(floor_dbfs, float(np.percentile(db, 1)) + 10.0)
     voiced = db > threshold
     segments: list[list[int]] = []
     for i in np.flatnonzero(voiced):
@@ -368,15 +391,18 @@ def speech_segments(
         else:
             segments.append([int(i), int(i)])
     return [
-        (a * FRAME_S, (b + 1) * FRAME_S)
-        for a, b in segments
-        if (b + 1 - a) * FRAME_S >= min_speech
+        (a * FRAME_S, (b + 1) * FRAME_S) for a, b in segments if (b + 1 - a) * FRAME_S >= min_speech
     ]
 
 
+_SPOKEN = {"mr": "mister", "mrs": "missus", "dr": "doctor"}
+
+
 def normalise(text: str) -> str:
-    """Lower case words without punctuation, hyphenated words split."""
-    return " ".join(re.findall(r"[a-z0-9']+", text.lower().replace("-", " ")))
+    """Lower case words without punctuation, hyphenated words split, and the
+    titles Whisper abbreviates spelled out ("Mr." is "mister" read aloud)."""
+    words = re.findall(r"[a-z0-9']+", text.lower().replace("-", " "))
+    return " ".join(_SPOKEN.get(w, w) for w in words)
 
 
 def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float | None:
@@ -470,8 +496,6 @@ def _encode(track: np.ndarray, frames: int) -> list[bytes]:
 
 def _prepare(cfg: SimConfig) -> _Media:
     """Tracks, truth, Opus packets and levels of every participant (blocking)."""
-    from sidecar.sim.voices import VOICES, build_conversation
-
     ids = random.Random(f"ids-{cfg.seed}")
     used: set[str] = {p.endpoint for p in cfg.participants if p.endpoint}
     used_ssrc: set[int] = {p.ssrc for p in cfg.participants if p.ssrc}
@@ -501,7 +525,9 @@ def _prepare(cfg: SimConfig) -> _Media:
             script = [(endpoints[who], text) for who, text in cfg.script]
         else:
             # each speaker's sentences in turn: a conversation, not monologues
-            queues = [[(endpoints[p.name], s) for s in _split_sentences(p.text or "")] for p in espeak]
+            queues = [
+                [(endpoints[p.name], s) for s in _split_sentences(p.text or "")] for p in espeak
+            ]
             script = [t for row in itertools.zip_longest(*queues) for t in row if t is not None]
         voices = {
             endpoints[p.name]: p.voice or VOICES[i % len(VOICES)] for i, p in enumerate(espeak)
@@ -511,7 +537,9 @@ def _prepare(cfg: SimConfig) -> _Media:
             names = {endpoints[p.name]: p.name for p in espeak}
             tracks.update(conv.tracks)
             for turn in conv.turns:
-                truths.append(_Truth(turn.speaker, names[turn.speaker], turn.text, turn.start, turn.end))
+                truths.append(
+                    _Truth(turn.speaker, names[turn.speaker], turn.text, turn.start, turn.end)
+                )
             for p in espeak:
                 said = [t.text for t in conv.turns if t.speaker == endpoints[p.name]]
                 if said:
@@ -528,8 +556,15 @@ def _prepare(cfg: SimConfig) -> _Media:
         for a, b in segs:
             # the reference text belongs to an utterance only when there is one
             text = p.text if len(segs) == 1 else None
-            truths.append(_Truth(endpoints[p.name], p.name, text, a + len(lead) / SAMPLE_RATE,
-                                 b + len(lead) / SAMPLE_RATE))
+            truths.append(
+                _Truth(
+                    endpoints[p.name],
+                    p.name,
+                    text,
+                    a + len(lead) / SAMPLE_RATE,
+                    b + len(lead) / SAMPLE_RATE,
+                )
+            )
         if p.text:
             refs[p.name] = p.text
 
@@ -550,13 +585,7 @@ def _prepare(cfg: SimConfig) -> _Media:
         if src is not None:
             track[: min(total, len(src))] = src[:total]
         packets = _encode(track, frames)
-        levels, vads = zip(
-            *(
-                frame_level(track[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES], cfg.vad_threshold_dbov)
-                for i in range(frames)
-            ),
-            strict=True,
-        )
+        levels, vads = _levels(track, cfg.vad_threshold_dbov)
         sources.append(
             _Source(
                 endpoint=ep,
@@ -565,8 +594,8 @@ def _prepare(cfg: SimConfig) -> _Media:
                 ssrc=p.ssrc or new_ssrc(),
                 b64=[base64.b64encode(pk).decode() for pk in packets],
                 packets=packets,
-                levels=list(levels),
-                vads=list(vads),
+                levels=levels,
+                vads=vads,
                 seq0=seqs.randrange(0, 30000),
                 ts0=seqs.getrandbits(32),
             )
@@ -594,31 +623,62 @@ def _prepare(cfg: SimConfig) -> _Media:
             )
     for s in sources:
         if len(s.packets) < frames:
-            # should not happen (the track is padded); keep the streams equal anyway
+            # the track is padded for the encoder's delay, so this is a bug
             raise RuntimeError(f"{s.name}: {len(s.packets)} Opus packets for {frames} frames")
     truths.sort(key=lambda t: (t.start, t.speaker))
     return _Media(sources, truths, frames, refs)
 
 
 # -- the run -------------------------------------------------------------------
+@dataclass
+class _Timeline:
+    """When each frame tick happened: maps audio time to clocks and back."""
+
+    mono: list[float] = field(default_factory=list)  # time.monotonic() of tick i
+    wall0: float | None = None  # time.time() of tick 0
+
+    def at(self, t: float) -> float | None:
+        """Monotonic time at which the audio of time ``t`` went out."""
+        n = len(self.mono)
+        if n == 0:
+            return None
+        k = max(0, min(n - 1, int(t / FRAME_S)))
+        return self.mono[k] + (t - k * FRAME_S)
+
+    def audio_time(self, arrival: float) -> float | None:
+        """Audio time that was going out at monotonic time ``arrival``."""
+        n = len(self.mono)
+        if n == 0:
+            return None
+        k = bisect.bisect_right(self.mono, arrival) - 1
+        if k < 0:
+            return arrival - self.mono[0]
+        extra = arrival - self.mono[k]
+        return k * FRAME_S + (extra if k == n - 1 else min(extra, FRAME_S))
+
+
 class _Recorder:
     """Captions as they arrive, and what the drain wait needs to know."""
 
-    def __init__(self, on_caption: CaptionCallback | None) -> None:
+    def __init__(self, on_caption: CaptionCallback | None, timeline: _Timeline) -> None:
         self.captions: list[ReceivedCaption] = []
+        self.timeline = timeline
         self.on_caption = on_caption
         self.open_ids: set[str] = set()  # interims seen, final not yet
         self.final_ids: dict[str, set[str]] = {}  # endpoint -> ids of non-empty finals
+        self.closed_ids: set[str] = set()  # every id that had its final
         self.last_arrival = time.monotonic()
 
     def add(self, c: ReceivedCaption) -> None:
+        c.t = self.timeline.audio_time(c.arrival)  # for a live display; the report redoes it
         self.captions.append(c)
         self.last_arrival = c.arrival
         if c.is_interim:
-            if c.message_id not in {i for ids in self.final_ids.values() for i in ids}:
+            if c.message_id not in self.closed_ids:
                 self.open_ids.add(c.message_id)
         else:
             self.open_ids.discard(c.message_id)
+            self.closed_ids.add(c.message_id)
             if c.text.strip():
                 self.final_ids.setdefault(c.participant_id, set()).add(c.message_id)
         if self.on_caption is not None:
@@ -661,8 +721,8 @@ class _MediaJsonLink(_Link):
         self.sources = sources
         self.rec = rec
         self.url = _with_room(cfg.url, cfg.room)
-        self.session: Any = None
-        self.ws: Any = None
+        self.session: aiohttp.ClientSession | None = None
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.reader: asyncio.Task[None] | None = None
         self.msg_seq = 0
         self.connection = -1
@@ -673,12 +733,16 @@ class _MediaJsonLink(_Link):
         self.last_ping = time.monotonic()
 
     async def open(self) -> None:
-        import aiohttp
-
         self.session = aiohttp.ClientSession()
-        await self._connect()
+        try:
+            await self._connect()
+        except BaseException:
+            # finish() is only called for a link that opened
+            await self.session.close()
+            raise
 
     async def _connect(self) -> None:
+        assert self.session is not None
         self.ws = await self.session.ws_connect(
             self.url,
             headers={"Authorization": f"Bearer {self.cfg.token}"},
@@ -704,11 +768,10 @@ class _MediaJsonLink(_Link):
             )
 
     async def _send(self, obj: dict[str, Any]) -> None:
+        assert self.ws is not None
         await self.ws.send_str(json.dumps(obj, separators=(",", ":")))
 
-    async def _read(self, ws: Any, connection: int) -> None:
-        import aiohttp
-
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse, connection: int) -> None:
         async for msg in ws:
             if msg.type != aiohttp.WSMsgType.TEXT:
                 continue
@@ -724,43 +787,43 @@ class _MediaJsonLink(_Link):
                     self.rec.add(_caption_from_json(data, now, wall, connection))
             except (ValueError, TypeError, KeyError, IndexError, AttributeError):
                 log.warning("sim: unreadable message from the sidecar: %.200s", msg.data)
-        self.close_codes.append(ws.close_code)
 
     async def send(self, src: _Source, i: int) -> None:
+        assert self.ws is not None
         self.msg_seq += 1
+        # built by hand: this runs for every frame of every participant
+        chunk = src.seq0 + i  # the extended RTP sequence number: it never wraps
+        ts = (src.ts0 + i * RTP_CLOCK_PER_FRAME) & 0xFFFFFFFF
+        vad = "true" if src.vads[i] else "false"
         await self.ws.send_str(
-            '{"event":"media","sequenceNumber":"%d","media":{"tag":%s,"chunk":"%d",'
-            '"timestamp":"%d","payload":"%s","audioLevel":%d,"vad":%s}}'
-            % (
-                self.msg_seq,
-                json.dumps(src.tag),
-                src.seq0 + i,  # the extended RTP sequence number: no wrap
-                (src.ts0 + i * RTP_CLOCK_PER_FRAME) & 0xFFFFFFFF,
-                src.b64[i],
-                src.levels[i],
-                "true" if src.vads[i] else "false",
-            )
+            f'{{"event":"media","sequenceNumber":"{self.msg_seq}","media":{{'
+            f'"tag":{json.dumps(src.tag)},"chunk":"{chunk}","timestamp":"{ts}",'
+            f'"payload":"{src.b64[i]}","audioLevel":{src.levels[i]},"vad":{vad}}}}}'
         )
 
     async def tick(self) -> None:
         now = time.monotonic()
-        if now - self.last_ping >= self.cfg.ping_interval and not self.ws.closed:
+        if self.ws is None or self.ws.closed:
+            return
+        if now - self.last_ping >= self.cfg.ping_interval:
             self.last_ping = now
             self.ping_id += 1
             self.ping_sent[self.ping_id] = now
             await self._send({"event": "ping", "id": self.ping_id})
 
     async def reconnect(self) -> None:
+        assert self.ws is not None
         await self.ws.close()
         if self.reader is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.reader, 5)
+        self.close_codes.append(self.ws.close_code)
         self.reconnects += 1
         await self._connect()
 
     async def finish(self, end_session: bool) -> None:
         try:
-            if end_session and not self.ws.closed:
+            if end_session and self.ws is not None and not self.ws.closed:
                 await self._send({"event": "session-end"})
                 # the sidecar closes the socket once the session is over
                 if self.reader is not None:
@@ -772,6 +835,8 @@ class _MediaJsonLink(_Link):
             if self.reader is not None:
                 with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                     await asyncio.wait_for(self.reader, 5)
+            if self.ws is not None:
+                self.close_codes.append(self.ws.close_code)
             if self.session is not None:
                 await self.session.close()
 
@@ -783,16 +848,12 @@ class _MediaJsonLink(_Link):
 
 
 class _RtpLink(_Link):
-    """One RTP stream per participant over UDP; captions from gRPC."""
+    """One RTP stream per participant over UDP (captions come from gRPC)."""
 
-    def __init__(self, cfg: SimConfig, sources: list[_Source], rec: _Recorder) -> None:
+    def __init__(self, cfg: SimConfig) -> None:
         self.cfg = cfg
-        self.sources = sources
-        self.rec = rec
         self.close_codes = []
         self.transport: asyncio.DatagramTransport | None = None
-        self.api: _Api | None = None
-        self.voiced: dict[int, bool] = {}
 
     async def open(self) -> None:
         host, port = _host_port(self.cfg.rtp)
@@ -803,10 +864,9 @@ class _RtpLink(_Link):
 
     async def send(self, src: _Source, i: int) -> None:
         assert self.transport is not None
-        vad = src.vads[i]
-        # RFC 3551 4.1: the marker bit opens a talkspurt
-        marker = vad and not self.voiced.get(src.ssrc, False) or i == 0
-        self.voiced[src.ssrc] = vad
+        # RFC 3551 4.1: the marker bit opens a talkspurt (and the stream);
+        # decided by the frame, so a duplicate or late copy carries it too
+        marker = i == 0 or (src.vads[i] and not src.vads[i - 1])
         self.transport.sendto(rtp_packet(src, i, marker=marker))
 
     async def reconnect(self) -> None:
@@ -841,46 +901,40 @@ class _Api:
     """The sidecar's gRPC control API: roster, start/end, caption stream."""
 
     def __init__(self, cfg: SimConfig, rec: _Recorder) -> None:
-        import grpc
-
-        from sidecar.proto.captions.v1 import captions_pb2, captions_pb2_grpc
-
         self.cfg = cfg
         self.rec = rec
-        self.pb = captions_pb2
         self.channel = grpc.aio.insecure_channel(cfg.grpc)
-        self.stub = captions_pb2_grpc.CaptionsStub(self.channel)
+        self.stub = pb_grpc.CaptionsStub(self.channel)
         self.md = ((_AUTH, f"Bearer {cfg.token}"),)
         self.call: Any = None
         self.reader: asyncio.Task[None] | None = None
 
     async def update_roster(self, sources: list[_Source], with_ssrcs: bool) -> None:
         people = [
-            self.pb.Participant(
-                id=s.endpoint, name=s.name, ssrcs=[s.ssrc] if with_ssrcs else []
-            )
+            pb.Participant(id=s.endpoint, name=s.name, ssrcs=[s.ssrc] if with_ssrcs else [])
             for s in sources
         ]
         await self.stub.UpdateRoster(
-            self.pb.UpdateRosterRequest(room=self.cfg.room, participants=people),
+            pb.UpdateRosterRequest(room=self.cfg.room, participants=people),
             metadata=self.md,
             timeout=10,
         )
 
     async def start_captions(self) -> None:
         await self.stub.StartCaptions(
-            self.pb.StartRequest(room=self.cfg.room, requested_by="simulator"),
+            pb.StartRequest(room=self.cfg.room, requested_by="simulator"),
             metadata=self.md,
             timeout=10,
         )
 
     async def subscribe(self) -> None:
         self.call = self.stub.SubscribeCaptions(
-            self.pb.SubscribeRequest(room=self.cfg.room, include_interims=True), metadata=self.md
+            pb.SubscribeRequest(room=self.cfg.room, include_interims=True), metadata=self.md
         )
         self.reader = asyncio.create_task(self._read())
-        # the server registers the subscriber when it runs the handler, which
-        # nothing here can observe; the lead-in silence makes this wait free
+        # the server registers the subscriber when its handler runs, which a
+        # client cannot observe (no message comes before the first caption):
+        # give it a moment, or the first interims could go to nobody
         await asyncio.sleep(0.5)
         if self.reader.done():
             self.reader.result()  # raises the refusal (token, limits)
@@ -904,7 +958,7 @@ class _Api:
             )
 
     async def end_room(self) -> None:
-        await self.stub.EndRoom(self.pb.RoomRequest(room=self.cfg.room), metadata=self.md, timeout=60)
+        await self.stub.EndRoom(pb.RoomRequest(room=self.cfg.room), metadata=self.md, timeout=60)
         if self.reader is not None:
             # EndRoom publishes the last finals, then closes the stream
             with contextlib.suppress(asyncio.TimeoutError):
@@ -919,7 +973,9 @@ class _Api:
         await self.channel.close()
 
 
-def _caption_from_json(data: dict[str, Any], arrival: float, wall: float, connection: int) -> ReceivedCaption:
+def _caption_from_json(
+    data: dict[str, Any], arrival: float, wall: float, connection: int
+) -> ReceivedCaption:
     participant = data["participant"]
     return ReceivedCaption(
         participant_id=str(participant["id"]),
@@ -951,59 +1007,69 @@ def _host_port(addr: str) -> tuple[str, int]:
 
 
 async def run_conference(config: SimConfig) -> SimReport:
-    """Play the conference to the sidecar and measure what comes back."""
+    """Play the conference to the sidecar and measure what comes back.
+
+    Raises ValueError for a bad configuration and the transport's error when
+    the sidecar cannot be reached; a connection lost in the middle is
+    reported in :attr:`SimReport.errors` with everything measured so far.
+    """
     config.validate()
-    if not config.room and config.url:
-        config.room = dict(parse_qsl(urlsplit(config.url).query)).get("room", "")
-    media = await asyncio.to_thread(_prepare, config)
-    rec = _Recorder(config.on_caption)
+    cfg = replace(config)  # the room may be filled in from the URL; leave the caller's alone
+    if not cfg.room and cfg.url:
+        cfg.room = dict(parse_qsl(urlsplit(cfg.url).query)).get("room", "")
+    media = await asyncio.to_thread(_prepare, cfg)
+    timeline = _Timeline()
+    rec = _Recorder(cfg.on_caption, timeline)
     errors: list[str] = []
-    api = _Api(config, rec) if config.grpc else None
-    link: _Link
-    if config.transport == "rtp":
-        link = _RtpLink(config, media.sources, rec)
-    else:
-        link = _MediaJsonLink(config, media.sources, rec)
-    clock: list[float] = []
+    link: _Link = (
+        _RtpLink(cfg) if cfg.transport == "rtp" else _MediaJsonLink(cfg, media.sources, rec)
+    )
+    api = _Api(cfg, rec) if cfg.grpc else None
     stats = Counter[str]()
-    t_first = time.monotonic()
+    started = time.monotonic()
+    opened = False
     try:
         if api is not None:
-            if config.update_roster:
-                await api.update_roster(media.sources, with_ssrcs=config.transport == "rtp")
-            if config.transport == "rtp":
-                # no bridge connects to start it: the control API does
+            if cfg.update_roster:
+                await api.update_roster(media.sources, with_ssrcs=cfg.transport == "rtp")
+            if cfg.transport == "rtp":
+                # no bridge connects to switch the room on: the control API does
                 await api.start_captions()
                 await api.subscribe()
         await link.open()
-        t_first = time.monotonic()
+        opened = True
+        started = time.monotonic()
         try:
-            await _pace(config, media, link, clock, stats)
-        except (ConnectionError, RuntimeError, OSError) as e:
-            # the sidecar closed on us (limits, shutdown): report what we have
-            errors.append(f"sending stopped after {len(clock)} frames: {e!r}")
-        await _drain(config, media, link, rec)
-        try:
-            if config.transport == "rtp" and api is not None and config.end_session:
-                await api.end_room()
-            await link.finish(config.end_session)
+            await _pace(cfg, media, link, timeline, stats)
         except Exception as e:
-            errors.append(f"ending the session: {e!r}")
+            # the sidecar closed on us (limits, shutdown) or refused the
+            # reconnect: what was measured so far is still worth a report
+            log.warning("sim: sending stopped: %r", e)
+            errors.append(f"sending stopped after {len(timeline.mono)} frames: {e!r}")
+        await _drain(cfg, media, link, rec)
+        if api is not None and cfg.transport == "rtp" and cfg.end_session:
+            try:
+                await api.end_room()
+            except Exception as e:
+                errors.append(f"EndRoom failed: {e!r}")
     finally:
-        with contextlib.suppress(Exception):
-            await link.finish(False) if isinstance(link, _RtpLink) else None
+        if opened:
+            try:
+                await link.finish(cfg.end_session and not errors)
+            except Exception as e:
+                errors.append(f"ending the session: {e!r}")
         if api is not None:
             await api.close()
-    elapsed = time.monotonic() - t_first
-    pings, missed_pongs, rtts = link.ping_stats()
-    report = _report(config, media, rec.captions, clock)
+    elapsed = time.monotonic() - started
+
+    report = _report(cfg, media, rec.captions, timeline)
     report.elapsed = elapsed
     report.frames_sent = stats["sent"]
     report.frames_lost = stats["lost"]
     report.frames_duplicated = stats["duplicated"]
-    report.pings, report.pongs_missed, report.pong_rtts_ms = pings, missed_pongs, rtts
-    report.pong_rtt_p50_ms = _percentile(rtts, 50)
-    report.pong_rtt_p95_ms = _percentile(rtts, 95)
+    report.pings, report.pongs_missed, report.pong_rtts_ms = link.ping_stats()
+    report.pong_rtt_p50_ms = _percentile(report.pong_rtts_ms, 50)
+    report.pong_rtt_p95_ms = _percentile(report.pong_rtts_ms, 95)
     report.reconnects = link.reconnects
     report.close_codes = list(link.close_codes)
     report.errors = errors
@@ -1011,14 +1077,14 @@ async def run_conference(config: SimConfig) -> SimReport:
 
 
 async def _pace(
-    cfg: SimConfig, media: _Media, link: _Link, clock: list[float], stats: Counter[str]
+    cfg: SimConfig, media: _Media, link: _Link, timeline: _Timeline, stats: Counter[str]
 ) -> None:
-    """Release frame after frame, through the impairments, in (virtual) time.
+    """Release frame after frame through the impairments, in audio time.
 
-    Every frame gets a due time on the audio timeline: its own time plus
-    the network delay. A heap sends them in due order, so a delayed frame
-    goes out after later ones (reordering). In real time the loop sleeps
-    until each due time; otherwise it only keeps the order.
+    Every copy of a frame that is not lost gets a due time: its tick plus a
+    network delay. A heap sends them in due order, so a delayed frame goes
+    out after later ones (reordering). In real time the loop sleeps until
+    each due time; as fast as possible it only keeps the order.
     """
     rng = random.Random(cfg.seed)
     heap: list[tuple[float, int, int, int]] = []  # (due, tiebreak, source, frame)
@@ -1029,21 +1095,21 @@ async def _pace(
         None if cfg.reconnect_at is None else max(0, min(n - 1, int(cfg.reconnect_at / FRAME_S)))
     )
     t0 = time.monotonic()
+    timeline.wall0 = time.time()
     i = 0
     while i < n or heap:
         next_tick = i * FRAME_S if i < n else math.inf
         next_send = heap[0][0] if heap else math.inf
-        due = min(next_tick, next_send)
         if cfg.realtime:
-            delay = t0 + due - time.monotonic()
+            delay = t0 + min(next_tick, next_send) - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
         if next_tick <= next_send:
-            clock.append(time.monotonic())
+            timeline.mono.append(time.monotonic())
             if i == reconnect_frame:
                 await link.reconnect()
             await link.tick()
-            for k, src in enumerate(media.sources):
+            for k in range(len(media.sources)):
                 if rng.random() < cfg.loss:
                     stats["lost"] += 1
                     continue
@@ -1051,7 +1117,7 @@ async def _pace(
                 stats["duplicated"] += copies - 1
                 for _ in range(copies):
                     # exponential queueing delay with the given mean, capped so
-                    # one unlucky draw cannot hold a frame for seconds
+                    # that one unlucky draw cannot hold a frame for seconds
                     d = min(rng.expovariate(1 / jitter), 5 * jitter) if jitter > 0 else 0.0
                     heapq.heappush(heap, (next_tick + d, next(order), k, i))
             i += 1
@@ -1064,47 +1130,39 @@ async def _pace(
 
 
 async def _drain(cfg: SimConfig, media: _Media, link: _Link, rec: _Recorder) -> None:
-    """Wait for the last finals: every speaker has as many as it had turns,
-    none is pending, and nothing has come for ``settle`` seconds."""
+    """Wait for the last finals after the audio.
+
+    Done when every speaker has had as many finals as turns, none is
+    pending (interims without their final) and nothing came for ``settle``
+    seconds; or, when turns were merged or missed, after four times as long
+    a quiet with nothing pending; at the latest after ``drain_timeout``.
+    Pings go on meanwhile, as the bridge's do.
+    """
     expected = Counter(t.speaker for t in media.truths)
     end = time.monotonic()
     deadline = end + cfg.drain_timeout
     while time.monotonic() < deadline:
-        now = time.monotonic()
+        quiet = time.monotonic() - max(rec.last_arrival, end)
         complete = all(len(rec.final_ids.get(s, ())) >= n for s, n in expected.items())
-        quiet = now - max(rec.last_arrival, end) >= cfg.settle
-        if complete and not rec.open_ids and quiet:
+        if not rec.open_ids and quiet >= cfg.settle * (1 if complete else 4):
             return
-        try:
+        # a socket that is gone only ends the pings; the finals that came count
+        with contextlib.suppress(ConnectionError, RuntimeError, OSError):
             await link.tick()
-        except (ConnectionError, RuntimeError, OSError):
-            pass  # the socket is gone; the finals that came are what we have
         await asyncio.sleep(0.05)
 
 
 # -- the report ----------------------------------------------------------------
 def _report(
-    cfg: SimConfig, media: _Media, captions: list[ReceivedCaption], clock: list[float]
+    cfg: SimConfig, media: _Media, captions: list[ReceivedCaption], timeline: _Timeline
 ) -> SimReport:
-    n = len(clock)
-
-    def at(t: float) -> float | None:
-        """Monotonic time at which audio time ``t`` was released."""
-        if n == 0:
-            return None
-        k = max(0, min(n - 1, int(t / FRAME_S)))
-        return clock[k] + (t - k * FRAME_S)
-
-    def audio_time(arrival: float) -> float:
-        k = bisect.bisect_right(clock, arrival) - 1
-        if k < 0:
-            return arrival - clock[0]
-        extra = arrival - clock[k]
-        return k * FRAME_S + (extra if k == n - 1 else min(extra, FRAME_S))
-
-    if n:
-        for c in captions:
-            c.t = audio_time(c.arrival)
+    for c in captions:
+        c.t = timeline.audio_time(c.arrival)
+        if c.start_time_ms and timeline.wall0 is not None:
+            # the sidecar stamps utterances from the first frame's arrival,
+            # which is within a network delay of our tick 0
+            c.start_t = c.start_time_ms / 1000 - timeline.wall0
+            c.end_t = (c.end_time_ms or c.start_time_ms) / 1000 - timeline.wall0
 
     names = {s.endpoint: s.name for s in media.sources}
     speakers = {t.speaker for t in media.truths}
@@ -1130,36 +1188,33 @@ def _report(
         finals_by_speaker.setdefault(c.participant_id, []).append(c)
 
     rows: list[UtteranceResult] = []
-    counters = Counter[str]()
+    count = Counter[str]()
     by_speaker: dict[str, list[UtteranceResult]] = {}
     for t in media.truths:
         row = UtteranceResult(
             speaker=t.speaker,
             name=t.name,
-            index=counters[t.speaker],
+            index=count[t.speaker],
             start=round(t.start, 3),
             end=round(t.end, 3),
             reference=t.text,
             hypothesis="",
         )
-        counters[t.speaker] += 1
+        count[t.speaker] += 1
         rows.append(row)
         by_speaker.setdefault(t.speaker, []).append(row)
-    truth_of = {id(r): t for r, t in zip(rows, media.truths, strict=True)}
 
     for sp, finals in finals_by_speaker.items():
-        turns = by_speaker.get(sp, [])
-        assigned = _assign(turns, finals, lambda r: at(truth_of[id(r)].start))
-        for row, f in assigned:
+        for row, f in _assign(by_speaker.get(sp, []), finals):
             row.message_ids.append(f.message_id)
             row.names_seen.append(f.participant_name)
-            row.hypothesis = (row.hypothesis + " " + f.text.strip()).strip()
-            end = at(row.end)
+            row.hypothesis = f"{row.hypothesis} {f.text.strip()}".strip()
+            end = timeline.at(row.end)
             if end is not None:
-                row.final_latency = f.arrival - end  # the last final of the turn wins
+                row.final_latency = f.arrival - end  # finals come in order: the last one counts
     for row in rows:
         firsts = [first_interim[m] for m in row.message_ids if m in first_interim]
-        start = at(row.start)
+        start = timeline.at(row.start)
         if firsts and start is not None:
             row.first_interim_latency = min(firsts) - start
         if row.reference is not None:
@@ -1168,15 +1223,17 @@ def _report(
     speaker_wer: dict[str, float] = {}
     refs: list[str] = []
     hyps: list[str] = []
+    endpoint_of = {s.name: s.endpoint for s in media.sources}
     for name, ref in media.reference_by_name.items():
-        ep = next(s.endpoint for s in media.sources if s.name == name)
-        hyp = " ".join(f.text for f in finals_by_speaker.get(ep, []))
+        hyp = " ".join(f.text.strip() for f in finals_by_speaker.get(endpoint_of[name], []))
         w = word_error_rate([ref], [hyp])
         if w is not None:
             speaker_wer[name] = w
             refs.append(ref)
             hyps.append(hyp)
 
+    final_lat = [r.final_latency for r in rows]
+    first_lat = [r.first_interim_latency for r in rows]
     return SimReport(
         transport=cfg.transport,
         realtime=cfg.realtime,
@@ -1188,10 +1245,10 @@ def _report(
         ],
         utterances=rows,
         captions=captions,
-        final_latency_p50=_percentile([r.final_latency for r in rows], 50),
-        final_latency_p95=_percentile([r.final_latency for r in rows], 95),
-        first_interim_latency_p50=_percentile([r.first_interim_latency for r in rows], 50),
-        first_interim_latency_p95=_percentile([r.first_interim_latency for r in rows], 95),
+        final_latency_p50=_percentile(final_lat, 50),
+        final_latency_p95=_percentile(final_lat, 95),
+        first_interim_latency_p50=_percentile(first_lat, 50),
+        first_interim_latency_p95=_percentile(first_lat, 95),
         wer=word_error_rate(refs, hyps) if refs else None,
         speaker_wer=speaker_wer,
         missed=sum(1 for r in rows if r.missed),
@@ -1203,19 +1260,19 @@ def _report(
 
 
 def _assign(
-    turns: list[UtteranceResult],
-    finals: list[ReceivedCaption],
-    start_clock: Callable[[UtteranceResult], float | None],
+    turns: list[UtteranceResult], finals: list[ReceivedCaption]
 ) -> list[tuple[UtteranceResult, ReceivedCaption]]:
-    """Match one speaker's finals (arrival order) to its turns, in order.
+    """Match one speaker's finals (in arrival order) to its turns, in order.
 
-    A final goes to the current turn unless that turn already has one and
-    is over; then it goes to the next turn that had begun by the time the
-    final came. A final that arrives while its turn is still being spoken
-    is a piece of a long turn cut by the sidecar, so the turn stays open for
-    the rest. With known words, a final that shares more words with the
-    next turn than with the current one moves on too (two turns spoken
-    close together, or a turn whose final never came).
+    With the utterance's own times (gRPC), a final goes to the turn it
+    overlaps most, never back before the last one matched. Otherwise it goes
+    to the current turn unless that one has a final already and is over;
+    then to the next turn, if it had begun by the time the final came. A
+    final that came while its turn was still being spoken is a piece of a
+    long turn that the sidecar cut, so that turn stays open for the rest.
+    With known words, a final that shares more of its words with the next
+    turn (already begun) than with the current one moves on as well: the
+    current turn's final never came, or two turns ran together.
     """
     out: list[tuple[UtteranceResult, ReceivedCaption]] = []
     if not turns:
@@ -1224,12 +1281,21 @@ def _assign(
     got: dict[int, list[ReceivedCaption]] = {}
     for f in finals:
         t = f.t if f.t is not None else math.inf
-        cur = turns[k]
+        if f.start_t is not None and f.end_t is not None:
+            spans = [
+                min(f.end_t, turns[j].end) - max(f.start_t, turns[j].start)
+                for j in range(k, len(turns))
+            ]
+            best = max(range(len(spans)), key=spans.__getitem__)
+            if spans[best] > 0:
+                k += best
+                got.setdefault(k, []).append(f)
+                out.append((turns[k], f))
+                continue
         if k in got:
-            cut_before_end = all((g.t or 0.0) < cur.end for g in got[k])
-            if not cut_before_end and k + 1 < len(turns) and t >= turns[k + 1].start:
+            was_cut = all(g.t is not None and g.t < turns[k].end for g in got[k])
+            if not was_cut and k + 1 < len(turns) and t >= turns[k + 1].start:
                 k += 1
-        # words can tell that this final is already the next turn's
         while (
             k + 1 < len(turns)
             and turns[k + 1].start <= t
@@ -1238,7 +1304,6 @@ def _assign(
             k += 1
         got.setdefault(k, []).append(f)
         out.append((turns[k], f))
-    del start_clock  # times are compared on the audio timeline (f.t), not the clock
     return out
 
 
