@@ -22,11 +22,16 @@ Component "conference.<domain>" "muc"
 
     -- The sidecar's gRPC-Web listener (its [server] http_listen) and token.
     captions_sidecar_url = "http://127.0.0.1:8088"
-    captions_sidecar_token_file = "/etc/jitsi-captions/token"
-    -- The transcriber account (for the <ref uri> of the dial answer).
+    captions_token_file = "/etc/jitsi-captions/token"
+    captions_request_timeout = 5          -- seconds per call (a timeout is not retried)
+    captions_retries = 2                  -- extra attempts when the sidecar is unavailable
+    -- The transcriber account (for the <ref uri> of the dial answer) and the
+    -- domains whose occupants are not counted as participants.
     captions_transcriber_jid = "transcriber@recorder.<domain>"
     captions_hidden_domain = "recorder.<domain>"
-    -- Deployment defaults; rooms may override through their metadata.
+    captions_exclude_domains = { "auth.<domain>" }
+    -- Deployment defaults; rooms may override them in their metadata
+    -- (room.jitsiMetadata.captions = { language = "de", ... }).
     captions_language = "en-US"
     captions_transcription_mode = "available"   -- disabled | available | auto-on
     captions_captions_mode = "available"
@@ -34,3 +39,6 @@ Component "conference.<domain>" "muc"
     -- Videobridge export path: mark rooms for audio-only transcription so
     -- the CC button uses Jicofo's transcription WebSocket (needs jicofo.conf).
     captions_async_transcription = false
+    -- How often the module checks that the sidecar still serves its rooms
+    -- (and re-applies them after a sidecar restart).
+    captions_health_check_interval = 15

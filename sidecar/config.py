@@ -657,7 +657,8 @@ class LimitsConfig:
     """``[limits]``: caps that protect the host from overload and abuse."""
 
     max_rooms: int = _key(200, kind="int", bounds=(1, 100_000))
-    max_speakers_per_room: int = _key(50, kind="int", bounds=(1, 10_000))
+    # participants sending audio (silent listeners included: they cost little)
+    max_speakers_per_room: int = _key(500, kind="int", bounds=(1, 10_000))
     # Opus packets are at most 1275 bytes per frame; 4000 leaves room for
     # multi-frame packets while rejecting garbage early.
     max_frame_bytes: int = _key(4000, kind="int", bounds=(256, 65_536))

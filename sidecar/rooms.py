@@ -29,6 +29,7 @@ from sidecar.config import (
     Trigger,
     resolve,
 )
+from sidecar.counters import flush_all
 from sidecar.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from sidecar.events import Caption, Frame, TranscriptEntry
 from sidecar.pipeline.segmenter import SegmenterConfig
@@ -161,7 +162,7 @@ class RoomManager:
         recognizers: dict[str, Recognizer],
         vad: SileroVad,
         max_rooms: int = 200,
-        max_speakers_per_room: int = 50,
+        max_speakers_per_room: int = 500,
         max_subscribers_per_room: int = 20,
         gate: GateConfig | None = None,
     ) -> None:
@@ -189,6 +190,7 @@ class RoomManager:
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(0.1)
+            flush_all()
             now = time.monotonic()
             for room in list(self.rooms.values()):
                 if not room.live:
@@ -464,7 +466,9 @@ class RoomManager:
     # -- audio in ----------------------------------------------------------
     def push_frame(self, room: str, participant: str, frame: Frame) -> bool:
         """Feed one frame. Returns False when it was dropped (and counted)."""
-        r = self.rooms.get(room.lower()) if isinstance(room, str) else None
+        r = self.rooms.get(room) if isinstance(room, str) else None
+        if r is None and isinstance(room, str):
+            r = self.rooms.get(room.lower())
         if r is None or not r.active:
             FRAMES_DROPPED.labels("room_inactive").inc()
             return False

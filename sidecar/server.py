@@ -24,6 +24,7 @@ from sidecar.asr.base import Recognizer
 from sidecar.asr.scheduler import Scheduler
 from sidecar.asr.whisper import WhisperOptions, WhisperRecognizer
 from sidecar.config import SidecarConfig
+from sidecar.counters import flush_all
 from sidecar.ingest.mediajson import MediaJsonEndpoint
 from sidecar.ingest.rtp import RtpIngest
 from sidecar.ingest.skynet import SkynetEndpoint
@@ -154,6 +155,7 @@ class Sidecar:
         return app
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        flush_all()
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request: web.Request) -> web.Response:

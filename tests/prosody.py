@@ -36,10 +36,17 @@ class Prosody:
     extra_modules: list[str] = field(default_factory=list)
     plugin_paths: list[str] = field(default_factory=list)
     muc_options: str = ""
+    # more virtual hosts (e.g. Jitsi's auth domain for the focus) and lines for
+    # the global section (before the first VirtualHost)
+    extra_hosts: list[str] = field(default_factory=list)
+    global_options: str = ""
+    global_modules: list[str] = field(default_factory=list)
 
     def write_config(self) -> None:
         plugins = ", ".join(f'"{p}"' for p in self.plugin_paths)
         muc_modules = ", ".join(f'"{m}"' for m in self.extra_modules)
+        hosts = "".join(f'VirtualHost "{h}"\n' for h in self.extra_hosts)
+        global_modules = "".join(f'; "{m}"' for m in self.global_modules)
         self.config.write_text(
             f"""
 run_as_root = true
@@ -56,12 +63,13 @@ certificates = "{self.root}/certs"
 c2s_require_encryption = false
 allow_unencrypted_plain_auth = true
 authentication = "internal_plain"
-modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; "posix" }}
+modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; "posix"{global_modules} }}
 modules_disabled = {{ "s2s"; "tls" }}
 plugin_paths = {{ {plugins} }}
+{self.global_options}
 VirtualHost "{DOMAIN}"
 VirtualHost "{HIDDEN}"
-Component "{MUC}" "muc"
+{hosts}Component "{MUC}" "muc"
   modules_enabled = {{ {muc_modules} }}
   muc_room_default_public_jids = true
   muc_room_locking = false
@@ -110,6 +118,18 @@ Component "{MUC}" "muc"
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def shell(self, command: str) -> str:
+        """Run one admin-shell command (needs "admin_shell" in global_modules);
+        a command starting with ">" is Lua run inside Prosody."""
+        out = subprocess.run(
+            ["prosodyctl", "--config", str(self.config), "shell", command],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return out.stdout
 
     def log(self) -> str:
         p = self.root / "prosody.log"

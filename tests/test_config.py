@@ -528,7 +528,7 @@ def test_no_file_no_env_gives_defaults() -> None:
     assert cfg.whisper.beam_size == 1
     assert cfg.whisper.model_cache_dir == Path.home() / ".cache" / "jitsi-captions"
     assert cfg.limits.max_rooms == 200
-    assert cfg.limits.max_speakers_per_room == 50
+    assert cfg.limits.max_speakers_per_room == 500
     assert cfg.limits.max_frame_bytes == 4000
     assert cfg.limits.max_subscribers_per_room == 20
     assert cfg.ingest.mediajson_path == "/mediajson"
@@ -612,7 +612,7 @@ log_format = "text"
     assert (cfg.whisper.workers, cfg.whisper.cpu_threads, cfg.whisper.beam_size) == (64, 4, 10)
     assert cfg.whisper.whisper_model_multilingual == str(tmp_path)
     assert (cfg.limits.max_rooms, cfg.limits.max_subscribers_per_room) == (1, 7)
-    assert cfg.limits.max_speakers_per_room == 50
+    assert cfg.limits.max_speakers_per_room == 500
     assert cfg.defaults == EffectiveSettings(
         language="pt-BR",
         captions_mode=Mode.AUTO_ON,

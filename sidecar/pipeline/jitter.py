@@ -73,6 +73,14 @@ class ReorderBuffer:
             return out + self._release(force=False)
         if self._next is None:
             self._next = seq
+        if seq == self._next and not self._held:
+            # the common case, a frame in order with nothing waiting
+            self._played.add(seq)
+            self._played.discard(seq - 64)
+            self._next = seq + 1
+            if self._highest is None or seq > self._highest:
+                self._highest = seq
+            return [frame]
         if seq < self._next:
             self.dropped["duplicate" if seq in self._played else "late"] += 1
             return []

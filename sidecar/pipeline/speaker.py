@@ -18,6 +18,7 @@ from prometheus_client import Counter
 
 from sidecar.asr.streaming import DecodingStream
 from sidecar.audio import DecodeError, OpusDecoder, opus_packet_samples
+from sidecar.counters import batched
 from sidecar.events import Frame, new_message_id
 from sidecar.pipeline.jitter import Gap, ReorderBuffer
 from sidecar.pipeline.segmenter import (
@@ -44,6 +45,10 @@ FRAMES_GATED = Counter(
 )
 FRAMES_LOST = Counter("captions_frames_lost_total", "Frames missing from a sequence (loss)")
 UTTERANCES = Counter("captions_utterances_total", "Utterances found by the segmenter", ["end"])
+_DROP_DUPLICATE = FRAMES_DROPPED.labels("duplicate")
+_DROP_LATE = FRAMES_DROPPED.labels("late")
+_FRAMES_IN = batched(FRAMES_IN)
+_FRAMES_GATED = batched(FRAMES_GATED)
 
 SR = 16000
 TICKS_PER_SAMPLE = 3  # 48 kHz RTP clock / 16 kHz
@@ -108,7 +113,7 @@ class SpeakerPipeline:
     # -- input -------------------------------------------------------------
     def push(self, frame: Frame) -> None:
         """Accept one frame. Never raises for bad input: it is counted and dropped."""
-        FRAMES_IN.inc()
+        _FRAMES_IN.inc()
         self.frames += 1
         self.last_arrival = time.monotonic()
         if frame.pcm is None and len(frame.payload) > self.gate.max_frame_bytes:
@@ -117,14 +122,16 @@ class SpeakerPipeline:
         if frame.pcm is None and not frame.payload:
             FRAMES_DROPPED.labels("empty").inc()
             return
-        before = dict(self.reorder.dropped)
-        lost_before = self.reorder.lost
+        dropped = self.reorder.dropped
+        dup, late, lost = dropped["duplicate"], dropped["late"], self.reorder.lost
         out = self.reorder.push(frame)
-        for reason, n in self.reorder.dropped.items():
-            if n > before[reason]:
-                FRAMES_DROPPED.labels(reason).inc(n - before[reason])
-        if self.reorder.lost > lost_before:
-            FRAMES_LOST.inc(self.reorder.lost - lost_before)
+        # counters are touched only when something happened: this runs per frame
+        if dropped["duplicate"] != dup:
+            _DROP_DUPLICATE.inc(dropped["duplicate"] - dup)
+        if dropped["late"] != late:
+            _DROP_LATE.inc(dropped["late"] - late)
+        if self.reorder.lost != lost:
+            FRAMES_LOST.inc(self.reorder.lost - lost)
         for item in out:
             self._play(item)
 
@@ -151,15 +158,16 @@ class SpeakerPipeline:
             return
         self._frame_samples = samples
         if self._is_silent(frame):
-            FRAMES_GATED.inc()
+            _FRAMES_GATED.inc()
             if self.seg.in_speech:
                 # the speaker stopped: time passes as silence for the segmenter
                 self._silence(samples, known=True)
             else:
                 self._gated.append(frame)
                 if len(self._gated) > PRE_ROLL_FRAMES:
-                    old = self._gated.popleft()
-                    self._advance_idle(self._samples_of(old))
+                    self._gated.popleft()
+                    # frames of one stream have the same duration, near enough
+                    self._advance_idle(samples)
             return
         self._flush_gated(decode=True)
         self._decode_and_feed(frame, samples)
@@ -196,7 +204,8 @@ class SpeakerPipeline:
 
     def _advance_idle(self, samples: int) -> None:
         """Silence while no utterance is open: only the clock moves."""
-        self._flush_window()
+        if len(self._window):
+            self._flush_window()
         self.clock += samples
         self._window_start = self.clock
 
