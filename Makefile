@@ -36,6 +36,7 @@ lint: install
 	cd prosody-module && luacheck .
 
 bench: install
+	$(PY) bench/conference.py --out docs/benchmarks.md
 	$(PY) bench/run.py --out docs/benchmarks.md
 
 proto: install
