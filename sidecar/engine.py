@@ -41,6 +41,8 @@ class Engine:
                 cache_dir=w.model_cache_dir,
             ),
             self.scheduler,
+            timeout=600.0,
+            retries=0,
         )
         self.vad = SileroVad()
         self.rooms = RoomManager(

@@ -55,6 +55,8 @@ SPEAKERS_ACTIVE = Gauge("captions_speaker_pipelines", "Speaker pipelines alive")
 TRANSCRIPT_ERRORS = Counter(
     "captions_transcript_write_errors_total", "Finals that could not be written"
 )
+DRAIN_TIMEOUT = 30.0  # seconds a stop waits for the last finals
+INGEST_SOURCES = ("videobridge", "jigasi")
 SUBSCRIBER_DROPS = Counter(
     "captions_subscriber_dropped_total", "Caption events not delivered to a slow subscriber"
 )
@@ -107,6 +109,10 @@ class Subscriber:
         self.queue.put_nowait(caption)
 
     def close(self) -> None:
+        if self.queue.full():
+            # the end marker must get in, or the subscriber waits forever
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self.queue.get_nowait()
         with contextlib.suppress(asyncio.QueueFull):
             self.queue.put_nowait(None)
 
@@ -143,6 +149,10 @@ class Room:
     first_interim_seen: set[str] = field(default_factory=set)
     pending: set[asyncio.Task[None]] = field(default_factory=set)
     meeting_id: str = ""
+    stopping: bool = False  # finishing its pipelines: no new speakers
+    ingest_connections: int = 0  # open videobridge / Jigasi sockets
+    last_audio: float = field(default_factory=time.monotonic)
+    source: str = ""  # who started it: "videobridge", "jigasi", or a control API caller
 
     @property
     def active(self) -> bool:
@@ -165,6 +175,7 @@ class RoomManager:
         max_speakers_per_room: int = 500,
         max_subscribers_per_room: int = 20,
         gate: GateConfig | None = None,
+        ingest_idle_end_s: float = 600.0,
     ) -> None:
         self.defaults = defaults
         self.store = store
@@ -181,6 +192,9 @@ class RoomManager:
         self.meetings: dict[str, str] = {}
         self._ticker: asyncio.Task[None] | None = None
         self.on_change: list[Callable[[Room, str], None]] = []
+        self.ingest_idle_end_s = ingest_idle_end_s
+        self._last_reap = time.monotonic()
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------
     def start_background(self) -> None:
@@ -192,6 +206,9 @@ class RoomManager:
             await asyncio.sleep(0.1)
             flush_all()
             now = time.monotonic()
+            if now - self._last_reap > 10:
+                self._last_reap = now
+                self._reap_idle_ingest_rooms(now)
             for room in list(self.rooms.values()):
                 if not room.live:
                     continue
@@ -201,14 +218,41 @@ class RoomManager:
                     except Exception:  # one stream's fault must not stop the others
                         log.exception("room %s: speaker %s failed", room.name, sp.participant_id)
 
+    def _reap_idle_ingest_rooms(self, now: float) -> None:
+        """Rooms the videobridge or Jigasi started end when their source is gone.
+
+        A bridge that crashed never sends ``session-end``, and Jigasi's rooms
+        have no Prosody module to end them: without this they would hold a
+        transcript open and a place under ``max_rooms`` for ever.
+        """
+        for r in list(self.rooms.values()):
+            if r.source not in INGEST_SOURCES or r.ingest_connections > 0 or not r.active:
+                continue
+            last = max((sp.last_arrival for sp in r.speakers.values()), default=r.last_audio)
+            if now - max(last, r.last_audio) > self.ingest_idle_end_s:
+                log.info("room %s: no audio source for %.0f s; ending it", r.name, now - last)
+                task = asyncio.create_task(self._end_quietly(r.name))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _end_quietly(self, name: str) -> None:
+        with contextlib.suppress(NotFound):
+            await self.end_room(name)
+
     async def close(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
             self._ticker = None
-        for name in list(self.rooms):
-            await self.end_room(name)
+        # all rooms at once, so they share the time a shutdown has, and one
+        # failure does not leave the others open
+        results = await asyncio.gather(
+            *(self.end_room(name) for name in list(self.rooms)), return_exceptions=True
+        )
+        for res in results:
+            if isinstance(res, BaseException) and not isinstance(res, NotFound):
+                log.error("closing a room failed: %r", res)
 
     # -- rooms -------------------------------------------------------------
     def room_for_meeting(self, meeting_id: str) -> str | None:
@@ -287,6 +331,8 @@ class RoomManager:
         r.live = live
         if not was_active:
             r.trigger = trigger
+            r.source = requested_by
+            r.last_audio = time.monotonic()
         if kind == "transcription" and not r.transcribing:
             r.writer = await asyncio.to_thread(self.store.open, r.name, language=eff.language)
             r.transcribing = True
@@ -335,21 +381,35 @@ class RoomManager:
         self._notify(r, "stop")
 
     async def _finish_speakers(self, r: Room) -> None:
-        timeout = 30.0
-        for sp in r.speakers.values():
-            sp.finish()
-        streams = list(r.streams.values())
-        if streams:
-            await asyncio.wait_for(
-                asyncio.gather(*(s.drain() for s in streams), return_exceptions=True), timeout
-            )
-        if r.pending:
-            await asyncio.wait(set(r.pending), timeout=timeout)
-        for s in streams:
-            await s.aclose()
-        SPEAKERS_ACTIVE.dec(len(r.speakers))
-        r.speakers.clear()
-        r.streams.clear()
+        """Open utterances get their finals, then the pipelines go.
+
+        Bounded: after ``DRAIN_TIMEOUT`` what is still pending is given up
+        (logged) so that a stop or a shutdown always completes and the
+        transcript is always closed.
+        """
+        r.stopping = True
+        try:
+            for sp in r.speakers.values():
+                sp.finish()
+            streams = list(r.streams.values())
+            try:
+                async with asyncio.timeout(DRAIN_TIMEOUT):
+                    await asyncio.gather(*(s.drain() for s in streams), return_exceptions=True)
+                    if r.pending:
+                        await asyncio.wait(set(r.pending))
+            except TimeoutError:
+                log.warning(
+                    "room %s: finals still pending after %.0f s; closing without them",
+                    r.name,
+                    DRAIN_TIMEOUT,
+                )
+            for s in streams:
+                await s.aclose()
+            SPEAKERS_ACTIVE.dec(len(r.speakers))
+            r.speakers.clear()
+            r.streams.clear()
+        finally:
+            r.stopping = False
 
     async def end_room(self, room: str) -> Room:
         r = self.get(room)
@@ -360,7 +420,8 @@ class RoomManager:
         for sub in r.subscribers:
             sub.close()
         r.subscribers.clear()
-        del self.rooms[r.name]
+        if self.rooms.get(r.name) is r:
+            del self.rooms[r.name]
         for ssrc in [k for k, v in self.ssrcs.items() if v[0] == r.name]:
             del self.ssrcs[ssrc]
         if r.meeting_id and self.meetings.get(r.meeting_id) == r.name:
@@ -474,6 +535,9 @@ class RoomManager:
             return False
         sp = r.speakers.get(participant)
         if sp is None:
+            if r.stopping:
+                FRAMES_DROPPED.labels("room_stopping").inc()
+                return False
             if not valid_participant(participant):
                 FRAMES_DROPPED.labels("invalid_participant").inc()
                 return False

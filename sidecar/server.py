@@ -71,6 +71,10 @@ class Sidecar:
                 cache_dir=w.model_cache_dir,
             ),
             self.scheduler,
+            # a local decode cannot hang like a network call; a timeout would
+            # only count queueing under load and resubmit the same work
+            timeout=600.0,
+            retries=0,
         )
         self.recognizers: dict[str, Recognizer] = {"whisper": self.whisper}
         self.vad = SileroVad()
@@ -135,6 +139,8 @@ class Sidecar:
         occ = self.occupant
         if occ is None:
             return
+        if "@" not in room.name:
+            return  # not a MUC room (a Jigasi connection id): nothing to join
         if what == "start" and room.active:
             occ.join(room.name, room.transcript_id)
             if occ.send_caption not in room.sinks:
@@ -221,19 +227,22 @@ class Sidecar:
         )
 
     async def stop(self, grace: float = 5.0) -> None:
+        """Finish every room (finals, transcripts) while its outputs are still
+        up, refusing new sessions meanwhile; then close the listeners."""
         self.ready = False
+        self.mediajson.closing = True
+        self.skynet.closing = True
         await self.health.enter_graceful_shutdown()
-        if self.grpc_server is not None:
-            await self.grpc_server.stop(grace)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.rooms.close(), 60)
         await self.mediajson.close()
         await self.skynet.close()
         if self.rtp is not None:
             self.rtp.close()
-        # open utterances get their finals, transcripts are closed and rendered
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.rooms.close(), 60)
         if self.occupant is not None:
             await self.occupant.close()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace)
         if self.runner is not None:
             await self.runner.cleanup()
         await self.scheduler.close()

@@ -25,6 +25,9 @@ from sidecar.asr.stable import StablePrefix
 log = logging.getLogger(__name__)
 
 SR = 16000
+# a pause's decode may hold this much audio past the kept part and still be
+# used as the final (the silence between the speech end and the pause)
+PREFINAL_SLACK = SR * 400 // 1000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,9 +133,9 @@ class DecodingStream:
         u.done = True
         if u.interim_task is not None:
             u.interim_task.cancel()
+        if discard and u.prefinal is not None:
+            u.prefinal.cancel()  # its decode would be thrown away
         if discard and u.interims_sent == 0:
-            if u.prefinal is not None:
-                u.prefinal.cancel()
             return
         keep = max(0, min(keep_samples, u.length))
         prev = self._final_chain
@@ -220,7 +223,11 @@ class DecodingStream:
         error = ""
         if not discard:
             try:
-                if u.prefinal is not None and u.prefinal_len >= keep:
+                # the speculative decode stands for the final only when it
+                # covered the kept audio and little more: after a forced cut
+                # it would hold words that belong to the next utterance
+                slack = u.prefinal_len - keep
+                if u.prefinal is not None and 0 <= slack <= PREFINAL_SLACK:
                     result = await u.prefinal
                 else:
                     if u.prefinal is not None:
@@ -242,6 +249,11 @@ class DecodingStream:
             text = clean(result, speech_ms=speech_ms)
             confidence = _confidence(result)
             language = self._reported_language(result)
+        elif discard:
+            # too short to be speech: an empty final clears what was shown
+            text = ""
+            confidence = 0.0
+            language = self.language
         else:
             # the provider failed: keep what the viewers already saw
             text = u.last_interim_text

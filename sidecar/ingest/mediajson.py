@@ -75,6 +75,7 @@ _KNOWN = {
     "transcription-result",
 }
 _NUMBER = (int, float)
+BACKLOG_MAX_AGE = 30.0  # seconds a final waits for a reconnecting bridge
 CLOSE_POLICY = 1008
 CLOSE_INVALID = 1007
 CLOSE_UNSUPPORTED = 1003
@@ -155,13 +156,23 @@ class MediaJsonEndpoint:
         self.latest: dict[str, _Connection] = {}
         self._open: set[_Connection] = set()
         # finals made while a room's bridge was reconnecting, sent on its return
-        self._backlog: dict[str, deque[Caption]] = {}
+        self._backlog: dict[str, deque[tuple[float, Caption]]] = {}
+        self.closing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        rooms.on_change.append(self._room_changed)
         self._sinks: dict[str, Callable[[Caption], None]] = {}
+
+    def _room_changed(self, room: Room, what: str) -> None:
+        # finals kept for a reconnecting bridge never outlive their meeting
+        if what == "end" or not room.active:
+            self._backlog.pop(room.name, None)
+            self._sinks.pop(room.name, None)
 
     def add_routes(self, app: web.Application, path: str) -> None:
         app.router.add_get(path + "/{meeting_id}", self.handle)
 
     async def close(self) -> None:
+        self.closing = True
         for conn in list(self._open):
             with contextlib.suppress(Exception):
                 await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"sidecar shutting down")
@@ -197,19 +208,30 @@ class MediaJsonEndpoint:
             room = await self._room_for(request, meeting_id)
         except ServiceError as e:
             return web.Response(status=400, text=f"{e}\n")
-        ws = web.WebSocketResponse(max_msg_size=self.max_message_bytes, autoping=True)
+        if self.closing:
+            return web.Response(status=503, text="the sidecar is shutting down\n")
+        # heartbeat: a half-open bridge socket is noticed within a minute
+        ws = web.WebSocketResponse(
+            max_msg_size=self.max_message_bytes, autoping=True, heartbeat=30.0
+        )
         await ws.prepare(request)
         conn = _Connection(self, ws, room)
         if self.auto_start:
-            try:
-                for kind in ("transcription", "captions"):
+            # each kind on its own: a room with captions disabled still gets
+            # its transcript, and the other way round
+            started, refusals = 0, []
+            for kind in ("transcription", "captions"):
+                try:
                     await self.rooms.start(
                         room, kind, requested_by="videobridge", meeting_id=meeting_id
                     )
-            except ServiceError as e:
-                log.warning("mediajson: room %s refused: %s", room, e)
+                    started += 1
+                except ServiceError as e:
+                    refusals.append(str(e))
+            if not started:
+                log.warning("mediajson: room %s refused: %s", room, "; ".join(refusals))
                 CLOSES.labels("refused").inc()
-                await ws.close(code=CLOSE_POLICY, message=str(e)[:120].encode())
+                await ws.close(code=CLOSE_POLICY, message=refusals[0][:120].encode())
                 return ws
         try:
             r = self.rooms.get(room)
@@ -220,10 +242,13 @@ class MediaJsonEndpoint:
         self.latest[room] = conn
         self._open.add(conn)
         self._attach(r)
+        r.ingest_connections += 1
         CONNECTIONS.inc()
         conn.sender = asyncio.create_task(conn.send_loop())
-        for c in self._backlog.pop(room, ()):
-            conn.send(c)
+        now = time.monotonic()
+        for made, c in self._backlog.pop(room, ()):
+            if now - made < BACKLOG_MAX_AGE:
+                conn.send(c)
         log.info("mediajson: videobridge connected for room %s (meeting %s)", room, meeting_id)
         reason = "closed"
         try:
@@ -231,6 +256,7 @@ class MediaJsonEndpoint:
         finally:
             CLOSES.labels(reason).inc()
             CONNECTIONS.dec()
+            r.ingest_connections -= 1
             self._open.discard(conn)
             if self.latest.get(room) is conn:
                 del self.latest[room]
@@ -255,7 +281,7 @@ class MediaJsonEndpoint:
             if conn is not None:
                 conn.send(c)
             elif not c.is_interim:
-                self._backlog.setdefault(name, deque(maxlen=100)).append(c)
+                self._backlog.setdefault(name, deque(maxlen=100)).append((time.monotonic(), c))
 
         self._sinks[name] = sink
         r.sinks.append(sink)
@@ -329,7 +355,10 @@ class MediaJsonEndpoint:
             tag = body.get("tag") if isinstance(body, dict) else None
             pid = conn.sources.pop(tag, None) if isinstance(tag, str) else None
             if pid is not None and pid not in conn.sources.values():
-                await self.rooms.finish_speaker(conn.room, pid)
+                # its last final may take a while: keep answering pings meanwhile
+                task = asyncio.create_task(self.rooms.finish_speaker(conn.room, pid))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         elif event == "session-end":
             MESSAGES.labels("session_end").inc()
             conn.ended = True
@@ -350,7 +379,9 @@ class MediaJsonEndpoint:
     def _start(self, conn: _Connection, body: Any) -> None:
         if not isinstance(body, dict) or not isinstance(body.get("tag"), str):
             raise _Reject(CLOSE_INVALID, "start without a tag", "malformed")
-        tag = body["tag"][:128]
+        tag = body["tag"]
+        if len(tag) > 128:
+            raise _Reject(CLOSE_INVALID, "source tag longer than 128 characters", "malformed")
         fmt = body.get("mediaFormat") or {}
         params = body.get("customParameters") or {}
         endpoint = params.get("endpointId") if isinstance(params, dict) else None
@@ -370,6 +401,8 @@ class MediaJsonEndpoint:
         if len(conn.sources) >= 4 * self.rooms.max_speakers and tag not in conn.sources:
             raise _Reject(CLOSE_POLICY, "too many sources", "too_many_sources")
         conn.sources[tag] = endpoint
+        # every source sends 50 packets a second: the limit grows with the meeting
+        conn.bucket.rate = max(self.max_messages_per_second, 75 * len(conn.sources))
         MESSAGES.labels("start").inc()
 
     def _media(self, conn: _Connection, body: Any) -> None:

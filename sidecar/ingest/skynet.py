@@ -416,6 +416,7 @@ class SkynetEndpoint:
         self.jwt_keys_dir = jwt_keys_dir
         self.jwt_audience = jwt_audience
         self._open: set[_Connection] = set()
+        self.closing = False  # shutting down: no new sessions
         # ends of streams still saving transcripts; close() waits for them
         self._finishing: set[asyncio.Task[None]] = set()
 
@@ -470,7 +471,10 @@ class SkynetEndpoint:
         if not isinstance(kid, str) or not _KID_RE.match(kid):
             return False
         assert self.jwt_keys_dir is not None
-        for name in (hashlib.sha256(kid.encode()).hexdigest(), kid):
+        names = [hashlib.sha256(kid.encode()).hexdigest()]
+        if "/" not in kid and ".." not in kid:
+            names.append(kid)  # a plain kid may name its file; a path may not
+        for name in names:
             path = self.jwt_keys_dir / f"{name}.pem"
             if not path.is_file():
                 continue
@@ -518,6 +522,8 @@ class SkynetEndpoint:
         if not ws.can_prepare(request).ok:
             CONNECTIONS.labels("bad_request").inc()
             return web.Response(status=400, text="expected a WebSocket upgrade\n")
+        if self.closing:
+            return web.Response(status=503, text="the sidecar is shutting down\n")
         if self.auto_start:
             # before the upgrade, so a refusal is an HTTP status Jigasi logs
             refusal = await self._start_room(room)
@@ -528,6 +534,9 @@ class SkynetEndpoint:
         CONNECTIONS.labels("accepted").inc()
         conn = _Connection(self, ws, room)
         self._open.add(conn)
+        room_obj = self.rooms.rooms.get(room)
+        if room_obj is not None:
+            room_obj.ingest_connections += 1
         CONNECTIONS_OPEN.inc()
         log.info("skynet: Jigasi connected for room %s", room)
         try:
@@ -544,6 +553,8 @@ class SkynetEndpoint:
             with contextlib.suppress(Exception):
                 await conn.flush_replies()
             self._open.discard(conn)
+            if room_obj is not None:
+                room_obj.ingest_connections -= 1
             CONNECTIONS_OPEN.dec()
             if not ws.closed:
                 with contextlib.suppress(Exception):

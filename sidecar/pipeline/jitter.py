@@ -77,6 +77,8 @@ class ReorderBuffer:
             # the common case, a frame in order with nothing waiting
             self._played.add(seq)
             self._played.discard(seq - 64)
+            if len(self._played) > 128:  # lost frames leave holes the discard misses
+                self._played = {x for x in self._played if x > seq - 64}
             self._next = seq + 1
             if self._highest is None or seq > self._highest:
                 self._highest = seq

@@ -54,6 +54,7 @@ SR = 16000
 TICKS_PER_SAMPLE = 3  # 48 kHz RTP clock / 16 kHz
 DEFAULT_FRAME_SAMPLES = 320  # 20 ms
 PRE_ROLL_FRAMES = 10  # gated frames kept to decode when speech starts
+MAX_OPEN_UTTERANCES = 64
 # sum of squares of a 512-sample window below which it is silence (-60 dBFS RMS)
 ENERGY_FLOOR = 512 * 1e-6
 
@@ -142,7 +143,14 @@ class SpeakerPipeline:
 
     def _play(self, item: Frame | Gap) -> None:
         if isinstance(item, Gap):
-            self._silence(item.frames * self._frame_samples)
+            samples = item.frames * self._frame_samples
+            if not self.seg.in_speech:
+                # after a reconnect the idle check has already brought the
+                # clock to wall time: do not count the outage twice
+                wall = (time.time() * 1000 - self.epoch_ms) * SR / 1000
+                self._advance_idle(int(min(samples, max(0.0, wall - self.clock))))
+                return
+            self._silence(samples)
             return
         frame = item
         if frame.pcm is not None:
@@ -255,6 +263,10 @@ class SpeakerPipeline:
             self._carry = np.zeros(0, np.float32)
             self._utt_audio = [audio]
             self.times[utt_id] = UtteranceTimes(ev.start_sample, ev.start_sample + len(audio))
+            # utterances that end without a final (noise) leave their entry:
+            # keep only the newest, a final is never that far behind
+            while len(self.times) > MAX_OPEN_UTTERANCES:
+                del self.times[next(iter(self.times))]
             self.stream.begin(utt_id, audio)
             if self.on_utterance_start is not None:
                 self.on_utterance_start(utt_id)

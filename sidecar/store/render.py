@@ -117,6 +117,9 @@ def _cues(entries: Iterable[TranscriptEntry], origin: datetime | None) -> list[_
         end_ms = max(end_ms, start_ms)
         cues.append(_Cue(entry, start_ms, end_ms))
         previous = start_ms
+    # the JSONL is in the order finals were made; a long utterance that began
+    # first can finish after a short one. Players want cues by start time.
+    cues.sort(key=lambda c: c.start_ms)
     return cues
 
 

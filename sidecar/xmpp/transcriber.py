@@ -74,6 +74,7 @@ class _RoomState:
     joined: bool = False
     transcript_id: str = ""
     advertised: bool = False
+    attempts: int = 0
 
 
 class TranscriberOccupant:
@@ -88,6 +89,7 @@ class TranscriberOccupant:
         self._backoff = 1.0
         self._reconnect_task: asyncio.Task[None] | None = None
         self.on_joined: list[Callable[[str], None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- connection --------------------------------------------------------
     def _make_client(self) -> slixmpp.ClientXMPP:
@@ -177,6 +179,8 @@ class TranscriberOccupant:
         await asyncio.sleep(0.2)  # let OFF and the leave presence go out
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()
+        for t in list(self._tasks):
+            t.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.client.disconnect(), 5)
         CONNECTED.set(0)
@@ -230,14 +234,42 @@ class TranscriberOccupant:
             return
         if pres["type"] == "error":
             log.error("xmpp: cannot join %s: %s", room, pres["error"]["condition"])
+            state.joined = False
+            self._retry_join(state)
             return
-        if pres["type"] != "unavailable" and not state.joined:
+        if pres["type"] == "unavailable":
+            # kicked, or the room went away under us, while the room still
+            # wants captions: come back (leave() removes the room first)
+            if state.joined:
+                log.warning("xmpp: removed from %s; rejoining", room)
+            state.joined = False
+            JOINED.set(sum(1 for s in self.rooms.values() if s.joined))
+            self._retry_join(state)
+            return
+        if not state.joined:
             state.joined = True
+            state.attempts = 0
             JOINED.set(sum(1 for s in self.rooms.values() if s.joined))
             log.info("xmpp: joined %s as %s", room, state.resource)
             self._advertise(state)
             for cb in self.on_joined:
                 cb(room)
+
+    def _retry_join(self, state: _RoomState) -> None:
+        if self._closing:
+            return
+        state.attempts += 1
+        delay = min(60.0, 2.0 ** min(state.attempts, 6))
+
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            if self.rooms.get(state.room) is state and not state.joined and self.online:
+                state.resource = secrets.token_hex(4)  # a fresh nick avoids a conflict
+                self._send_presence(state, "ON")
+
+        task = asyncio.get_running_loop().create_task(later())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _advertise(self, state: _RoomState) -> None:
         if not self.options.advertise_url or state.advertised or not state.transcript_id:
