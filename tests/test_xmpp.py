@@ -208,6 +208,27 @@ async def test_transcriber_occupant_in_a_real_prosody(tmp_path):
             )
         )
 
+        # a moderator removes the transcriber while captions are on: it comes back
+        n_kick = len(alice.transcriber_presences())
+        kick = alice.make_iq_set(ito=ROOM)
+        q = ET.SubElement(kick.xml, "{http://jabber.org/protocol/muc#admin}query")
+        item = ET.SubElement(q, "{http://jabber.org/protocol/muc#admin}item")
+        item.set("nick", transcriber_nick)
+        item.set("role", "none")
+        await kick.send(timeout=10)
+        await wait_for(
+            lambda: any(
+                el.get("type") == "unavailable" for el in alice.transcriber_presences()[n_kick:]
+            )
+        )
+        await wait_for(
+            lambda: (
+                alice.transcriber_presences()[-1].get("type") != "unavailable"
+                and status_of(alice.transcriber_presences()[-1]) == "ON"
+            ),
+            20,
+        )
+
         # a lost connection: the occupant comes back into the room by itself
         n_before = len(alice.transcriber_presences())
         sidecar.occupant.client.transport.abort()

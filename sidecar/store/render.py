@@ -103,7 +103,9 @@ class _Cue:
 def _cues(entries: Iterable[TranscriptEntry], origin: datetime | None) -> list[_Cue]:
     items = list(entries)
     if origin is None:
-        origin = next((t for t in (parse_iso(e.start_time) for e in items) if t), None)
+        # the earliest start, not the first line: lines are in the order finals came
+        starts = [t for t in (parse_iso(e.start_time) for e in items) if t]
+        origin = min(starts) if starts else None
     elif origin.tzinfo is None:
         origin = origin.replace(tzinfo=UTC)
     cues: list[_Cue] = []
