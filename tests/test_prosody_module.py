@@ -645,3 +645,18 @@ async def test_a_hanging_sidecar_times_out_and_prosody_keeps_serving(tmp_path):
         for w in conns:
             w.close()
         server.close()
+
+
+async def test_a_room_no_meeting_owns_is_ended_on_the_sidecar(tmp_path):
+    """After a Prosody restart the sidecar may still serve rooms nobody is in."""
+    async with deployment(tmp_path) as d:
+        sidecar = d.sidecar
+        assert sidecar is not None
+        ghost = f"ghost@{MUC}"
+        await sidecar.rooms.start(ghost, "transcription", requested_by="prosody")
+        await sidecar.rooms.start("elsewhere@conference.other", "transcription")
+        await wait_for(lambda: ghost not in sidecar.rooms.rooms, 15, "orphan ended")
+        # rooms of other hosts are not this module's business
+        assert "elsewhere@conference.other" in sidecar.rooms.rooms
+        metas = {m.room: m for m in sidecar.store.list()}
+        assert metas[ghost].complete  # its transcript was closed, not left open

@@ -1113,6 +1113,7 @@ end, 10);
 --------------------------------------------------------------------------------
 
 local checking = false;
+local orphan_ticks = 0;
 
 local function reapply(state, why)
 	module:log("info", "Re-applying %q on the sidecar: %s", state.jid, why);
@@ -1120,6 +1121,36 @@ local function reapply(state, why)
 	state.applied = { transcription = false, captions = false };
 	state.roster_synced, state.settings_sent = false, nil;
 	reconcile(state);
+end
+
+-- A room the sidecar serves for this host that this module has not engaged
+-- and that has no participant here (Prosody restarted; the transcriber's
+-- rejoin may even have created an empty room): end it, or its transcript and
+-- "transcribing" state would outlive the meeting.
+local function end_orphans(there)
+	for name, status in pairs(there) do
+		local known = rooms[name];
+		if jid_host(name) == module.host and not (known and (known.engaged or known.busy or known.end_pending))
+			and (status.transcribing or status.captioning) then
+			local room = muc.get_room_from_jid(name);
+			local participants = 0;
+			if room then
+				for _, occupant in room:each_occupant() do
+					if classify(occupant) == "participant" then
+						participants = participants + 1;
+					end
+				end
+			end
+			if participants == 0 then
+				module:log("info", "Ending orphaned room %q on the sidecar", name);
+				sidecar_call("EndRoom", { room = name }, function (result)
+					if not result.ok then
+						module:log("debug", "EndRoom %q failed: %s", name, tostring(result.status_name));
+					end
+				end);
+			end
+		end
+	end
 end
 
 local function health_check()
@@ -1131,7 +1162,11 @@ local function health_check()
 			break;
 		end
 	end
-	if not any then return; end
+	-- with nothing engaged, still look now and then for rooms the sidecar
+	-- serves for this host that no meeting here owns (after a Prosody restart)
+	orphan_ticks = orphan_ticks + 1;
+	if not any and orphan_ticks < 4 then return; end
+	orphan_ticks = 0;
 	checking = true;
 	sidecar_call("ListRooms", {}, function (result)
 		checking = false;
@@ -1143,6 +1178,7 @@ local function health_check()
 		for _, status in ipairs(result.response.rooms or {}) do
 			there[(status.room or ""):lower()] = status;
 		end
+		end_orphans(there);
 		for _, state in pairs(rooms) do
 			if not state.busy then
 				local status = there[state.jid:lower()];
