@@ -132,6 +132,7 @@ async def test_transcriber_occupant_in_a_real_prosody(tmp_path):
             "CAPTIONS_XMPP_PORT": str(prosody.port),
             "CAPTIONS_XMPP_STARTTLS": "false",
             "CAPTIONS_XMPP_SEND_TEXT": "true",
+            "CAPTIONS_XMPP_ADVERTISE_URL": "https://meet.example.org/transcripts/{transcript_id}",
         },
     )
     sidecar = Sidecar(cfg)
@@ -141,8 +142,15 @@ async def test_transcriber_occupant_in_a_real_prosody(tmp_path):
         await sidecar.start()
         assert sidecar.occupant is not None and sidecar.occupant.online
         alice.connect("127.0.0.1", prosody.port)
-        focus.connect("127.0.0.1", prosody.port)
         await asyncio.wait_for(alice.online.wait(), 10)
+        # Alice is in (and owns) the room before the focus and the transcriber come
+        await wait_for(
+            lambda: any(
+                k == "presence" and el.get("from") == f"{ROOM}/a1b2c3d4"
+                for _, k, el in alice.events
+            )
+        )
+        focus.connect("127.0.0.1", prosody.port)
         await asyncio.wait_for(focus.online.wait(), 10)
         await sidecar.rooms.update_roster(ROOM, [Participant("a1b2c3d4", "Alice")])
         await sidecar.rooms.start(ROOM, "captions")
@@ -191,6 +199,12 @@ async def test_transcriber_occupant_in_a_real_prosody(tmp_path):
                 assert el.find("{urn:xmpp:delay}delay") is None
         bodies = [el.find("{jabber:client}body") for _, k, el in alice.events if k == "message"]
         assert any(b is not None and b.text and b.text.startswith("Alice: ") for b in bodies)
+        # the link to the transcript (Jigasi's ADVERTISE_URL), once
+        tid = sidecar.rooms.get(ROOM).transcript_id
+        links = [b.text for b in bodies if b is not None and b.text and tid in b.text]
+        assert links == [
+            f"The transcript of this meeting will be at https://meet.example.org/transcripts/{tid}"
+        ]
 
         # Jicofo inviting the transcriber to a Jingle session: declined cleanly
         iq = focus.make_iq_set(ito=f"{ROOM}/{transcriber_nick}")

@@ -188,7 +188,10 @@ class TranscriberOccupant:
     # -- rooms -------------------------------------------------------------
     def join(self, room: str, transcript_id: str = "") -> None:
         if room in self.rooms:
-            self.rooms[room].transcript_id = transcript_id or self.rooms[room].transcript_id
+            state = self.rooms[room]
+            state.transcript_id = transcript_id or state.transcript_id
+            if state.joined:
+                self._advertise(state)  # transcription may start after captions
             return
         # the MUC resource is the occupant's endpoint id, as Jitsi clients use
         state = _RoomState(room, secrets.token_hex(4), transcript_id=transcript_id)
