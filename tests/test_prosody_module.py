@@ -632,7 +632,7 @@ async def test_a_hanging_sidecar_times_out_and_prosody_keeps_serving(tmp_path):
             assert "DEADLINE_EXCEEDED" in error_text(reply)
             assert 1.4 <= dial_s < 3.5, dial_s
             assert conns, "the module did connect"
-            assert len(rtts) >= 5 and max(rtts) < 0.5, rtts
+            assert len(rtts) >= 5 and max(rtts) < 1.0, rtts
             # the room is not left half-on: a later dial tries again
             t0 = time.monotonic()
             reply = await alice.dial()
