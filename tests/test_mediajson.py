@@ -310,3 +310,43 @@ async def test_bad_bridges_are_cut_and_others_go_on(tmp_path):
         assert good.pongs == [7, 8]
         await good.drop()
     await sidecar.stop()
+
+
+async def test_a_bridge_that_came_before_its_room_was_known_is_moved_there(tmp_path):
+    """A restarted sidecar: the bridge reconnects before Prosody has re-applied
+    the room, lands in a stand-in room, and is sent to the real one as soon as
+    the meeting id is mapped."""
+    sidecar = make_sidecar(tmp_path)
+    await sidecar.start(preload=False)
+    sidecar.mediajson.mapping_wait = 0.2
+    url = f"http://127.0.0.1:{sidecar.ports.http}/mediajson/meeting-42"
+    room = "weekly@conference.example.org"
+    async with aiohttp.ClientSession() as session:
+        bridge = Bridge(session, url)
+        await bridge.connect()
+        await bridge.start("ep000001")
+        assert "meeting-42" in sidecar.rooms.rooms  # the stand-in
+        await sidecar.rooms.start(room, "captions", meeting_id="meeting-42")
+        quiet = base64.b64decode("+P/+")  # a tiny valid Opus silence frame
+        for i in range(150):
+            if bridge.ws is None or bridge.ws.closed:
+                break
+            try:
+                await bridge.media("ep000001", i, quiet, 127, False)
+            except ConnectionError:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.wait_for(bridge.reader, 5)
+        assert bridge.ws is not None and bridge.ws.close_code == 1012
+        # the bridge reconnects, as jitsi-videobridge does at once after a close
+        await bridge.connect()
+        await bridge.start("ep000001")
+        await asyncio.sleep(0.3)
+        assert sidecar.mediajson.latest.get(room) is not None
+        for _ in range(50):
+            if "meeting-42" not in sidecar.rooms.rooms:
+                break
+            await asyncio.sleep(0.1)
+        assert "meeting-42" not in sidecar.rooms.rooms  # the stand-in is gone
+        await bridge.drop()
+    await sidecar.stop()

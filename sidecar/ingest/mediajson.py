@@ -117,6 +117,11 @@ class _Connection:
         self.send_queue: asyncio.Queue[str] = asyncio.Queue(maxsize=1000)
         self.sender: asyncio.Task[None] | None = None
         self.ended = False
+        self.meeting_id = ""
+        # the room was named after the meeting id because no start call had
+        # mapped it yet (a bridge reconnecting to a restarted sidecar)
+        self.provisional = False
+        self.next_check = 0.0
 
     def send(self, c: Caption) -> None:
         try:
@@ -182,19 +187,20 @@ class MediaJsonEndpoint:
         presented = header[7:].strip() if header[:7].lower() == "bearer " else ""
         return bool(presented) and hmac.compare_digest(presented.encode(), self._token)
 
-    async def _room_for(self, request: web.Request, meeting_id: str) -> str:
+    async def _room_for(self, request: web.Request, meeting_id: str) -> tuple[str, bool]:
+        """The room for a meeting, and whether that is only a stand-in."""
         explicit = request.query.get("room")
         if explicit:
-            return canonical_room(explicit)
+            return canonical_room(explicit), False
         # the Prosody module tells us the meeting id with its start call; the
         # bridge may be quicker, so give it a moment
         deadline = time.monotonic() + self.mapping_wait
         while True:
             name = self.rooms.room_for_meeting(meeting_id)
             if name is not None:
-                return name
+                return name, False
             if time.monotonic() >= deadline:
-                return canonical_room(meeting_id)
+                return canonical_room(meeting_id), True
             await asyncio.sleep(0.05)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -205,7 +211,7 @@ class MediaJsonEndpoint:
         if not _MEETING_RE.match(meeting_id):
             return web.Response(status=400, text="bad meeting id\n")
         try:
-            room = await self._room_for(request, meeting_id)
+            room, provisional = await self._room_for(request, meeting_id)
         except ServiceError as e:
             return web.Response(status=400, text=f"{e}\n")
         if self.closing:
@@ -216,6 +222,8 @@ class MediaJsonEndpoint:
         )
         await ws.prepare(request)
         conn = _Connection(self, ws, room)
+        conn.meeting_id = meeting_id
+        conn.provisional = provisional
         if self.auto_start:
             # each kind on its own: a room with captions disabled still gets
             # its transcript, and the other way round
@@ -223,7 +231,12 @@ class MediaJsonEndpoint:
             for kind in ("transcription", "captions"):
                 try:
                     await self.rooms.start(
-                        room, kind, requested_by="videobridge", meeting_id=meeting_id
+                        room,
+                        kind,
+                        requested_by="videobridge",
+                        # a stand-in must not claim the meeting: its real
+                        # room's start call is what maps it
+                        meeting_id="" if provisional else meeting_id,
                     )
                     started += 1
                 except ServiceError as e:
@@ -268,6 +281,38 @@ class MediaJsonEndpoint:
             if not ws.closed:
                 await ws.close()
         return ws
+
+    async def _remapped(self, conn: _Connection) -> bool:
+        """The meeting's real room became known: send the bridge there.
+
+        Closing with 1012 makes the bridge reconnect at once; the new socket
+        finds the mapping. The stand-in room, which has no names and no MUC,
+        is ended.
+        """
+        now = time.monotonic()
+        if now < conn.next_check:
+            return False
+        conn.next_check = now + 1.0
+        name = self.rooms.room_for_meeting(conn.meeting_id)
+        if name is None or name == conn.room:
+            return False
+        log.info(
+            "mediajson: meeting %s belongs to room %s; moving the bridge there",
+            conn.meeting_id,
+            name,
+        )
+        stand_in = conn.room
+        await conn.ws.close(code=1012, message=b"the meeting's room is known now; reconnect")
+        task = asyncio.create_task(self._end_stand_in(stand_in))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _end_stand_in(self, name: str) -> None:
+        r = self.rooms.rooms.get(name)
+        if r is not None and r.source == "videobridge":
+            with contextlib.suppress(ServiceError):
+                await self.rooms.end_room(name)
 
     def _attach(self, r: Room) -> None:
         """One sink per room: captions go to the room's newest socket only,
@@ -315,6 +360,8 @@ class MediaJsonEndpoint:
                 if conn.ended:
                     await ws.close(code=WSCloseCode.OK, message=b"session ended")
                     return "session_end"
+                if conn.provisional and await self._remapped(conn):
+                    return "remapped"
             elif msg.type == WSMsgType.BINARY:
                 MESSAGES.labels("binary").inc()
                 await ws.close(code=CLOSE_UNSUPPORTED, message=b"mediajson is JSON text frames")
