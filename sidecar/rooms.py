@@ -150,6 +150,7 @@ class Room:
     pending: set[asyncio.Task[None]] = field(default_factory=set)
     meeting_id: str = ""
     stopping: bool = False  # finishing its pipelines: no new speakers
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # start/stop/end one at a time
     ingest_connections: int = 0  # open videobridge / Jigasi sockets
     last_audio: float = field(default_factory=time.monotonic)
     source: str = ""  # who started it: "videobridge", "jigasi", or a control API caller
@@ -307,6 +308,25 @@ class RoomManager:
     ) -> Room:
         """Switch ``kind`` ("transcription" or "captions") on. Idempotent."""
         r = self._room(room)
+        # one change at a time per room: a start must not interleave with a
+        # stop that is still draining, or with the room being ended
+        async with r.lock:
+            if self.rooms.get(r.name) is not r:
+                r = self._room(room)  # it was ended meanwhile: a new one
+            return await self._start_locked(
+                r, kind, settings, trigger, requested_by, live, meeting_id
+            )
+
+    async def _start_locked(
+        self,
+        r: Room,
+        kind: str,
+        settings: RoomSettings | None,
+        trigger: Trigger,
+        requested_by: str,
+        live: bool,
+        meeting_id: str,
+    ) -> Room:
         start = settings if settings is not None else RoomSettings()
         eff = self._resolve(r, start)
         mode = eff.transcription_mode if kind == "transcription" else eff.captions_mode
@@ -350,6 +370,10 @@ class RoomManager:
         """Switch ``kind`` off. ``force``: the audio source itself ended (the
         videobridge closed the session), whatever the trigger."""
         r = self.get(room)
+        async with r.lock:
+            return await self._stop_locked(r, kind, force)
+
+    async def _stop_locked(self, r: Room, kind: str, force: bool) -> Room:
         on = r.transcribing if kind == "transcription" else r.captioning
         if not on:
             return r
@@ -413,10 +437,11 @@ class RoomManager:
 
     async def end_room(self, room: str) -> Room:
         r = self.get(room)
-        for kind in ("captions", "transcription"):
-            on = r.transcribing if kind == "transcription" else r.captioning
-            if on:
-                await self._switch_off(r, kind)
+        async with r.lock:
+            for kind in ("captions", "transcription"):
+                on = r.transcribing if kind == "transcription" else r.captioning
+                if on:
+                    await self._switch_off(r, kind)
         for sub in r.subscribers:
             sub.close()
         r.subscribers.clear()
@@ -669,6 +694,8 @@ class RoomManager:
             return
         r.subscribers.discard(sub)
         # a room made only for a subscription leaves with its last subscriber
+        if r.lock.locked():
+            return  # a start is under way
         if not (r.active or r.subscribers or r.roster_known or r.room_settings.set_fields()):
             del self.rooms[r.name]
 
