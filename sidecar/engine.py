@@ -10,7 +10,7 @@ import asyncio
 from pathlib import Path
 
 from sidecar.asr.scheduler import Scheduler
-from sidecar.asr.whisper import WhisperOptions, WhisperRecognizer
+from sidecar.asr.whisper import from_config as whisper_from_config
 from sidecar.config import EffectiveSettings, WhisperConfig
 from sidecar.pipeline.vad import SileroVad
 from sidecar.rooms import RoomManager
@@ -29,21 +29,7 @@ class Engine:
         w = whisper or WhisperConfig()
         self.store = LocalDirStore(store_dir)
         self.scheduler = Scheduler(w.workers)
-        self.whisper = WhisperRecognizer(
-            WhisperOptions(
-                model=model or w.whisper_model,
-                multilingual_model=w.whisper_model_multilingual,
-                device=w.device,
-                compute_type=w.compute_type,
-                cpu_threads=w.cpu_threads,
-                workers=w.workers,
-                beam_size=w.beam_size,
-                cache_dir=w.model_cache_dir,
-            ),
-            self.scheduler,
-            timeout=600.0,
-            retries=0,
-        )
+        self.whisper = whisper_from_config(w, self.scheduler, model=model)
         self.vad = SileroVad()
         self.rooms = RoomManager(
             defaults=defaults or EffectiveSettings(),

@@ -22,7 +22,7 @@ from sidecar.api.grpcweb import GrpcWebGateway
 from sidecar.api.servicer import CaptionsService
 from sidecar.asr.base import Recognizer
 from sidecar.asr.scheduler import Scheduler
-from sidecar.asr.whisper import WhisperOptions, WhisperRecognizer
+from sidecar.asr.whisper import from_config as whisper_from_config
 from sidecar.config import SidecarConfig
 from sidecar.counters import flush_all
 from sidecar.ingest.mediajson import MediaJsonEndpoint
@@ -59,23 +59,7 @@ class Sidecar:
         self.store = LocalDirStore(config.store.store_dir)
         w = config.whisper
         self.scheduler = Scheduler(w.workers)
-        self.whisper = WhisperRecognizer(
-            WhisperOptions(
-                model=w.whisper_model,
-                multilingual_model=w.whisper_model_multilingual,
-                device=w.device,
-                compute_type=w.compute_type,
-                cpu_threads=w.cpu_threads,
-                workers=w.workers,
-                beam_size=w.beam_size,
-                cache_dir=w.model_cache_dir,
-            ),
-            self.scheduler,
-            # a local decode cannot hang like a network call; a timeout would
-            # only count queueing under load and resubmit the same work
-            timeout=600.0,
-            retries=0,
-        )
+        self.whisper = whisper_from_config(w, self.scheduler)
         self.recognizers: dict[str, Recognizer] = {"whisper": self.whisper}
         self.vad = SileroVad()
         lim = config.limits

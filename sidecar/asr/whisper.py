@@ -19,7 +19,7 @@ from sidecar.asr.base import Capabilities, ProviderError, Recognizer, Request, r
 from sidecar.asr.filters import DecodeResult
 from sidecar.asr.models import resolve_model
 from sidecar.asr.scheduler import Scheduler
-from sidecar.config import is_english, whisper_language
+from sidecar.config import WhisperConfig, is_english, whisper_language
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,29 @@ class WhisperRecognizer(Recognizer):
         else:
             fut = self.scheduler.submit_interim(req.key, lambda: self._decode(req, False))
         return await fut
+
+
+def from_config(
+    config: WhisperConfig, scheduler: Scheduler, *, model: str | None = None
+) -> WhisperRecognizer:
+    """The recogniser of a deployment's ``[whisper]`` section."""
+    return WhisperRecognizer(
+        WhisperOptions(
+            model=model or config.whisper_model,
+            multilingual_model=config.whisper_model_multilingual,
+            device=config.device,
+            compute_type=config.compute_type,
+            cpu_threads=config.cpu_threads,
+            workers=config.workers,
+            beam_size=config.beam_size,
+            cache_dir=config.model_cache_dir,
+        ),
+        scheduler,
+        # a local decode cannot hang like a network call; a timeout would
+        # only count queueing under load and resubmit the same work
+        timeout=600.0,
+        retries=0,
+    )
 
 
 def _factory(**kw: Any) -> Recognizer:

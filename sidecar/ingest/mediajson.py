@@ -39,6 +39,7 @@ from prometheus_client import Counter, Gauge
 from sidecar.counters import batched
 from sidecar.errors import ServiceError
 from sidecar.events import Caption, Frame
+from sidecar.ingest.limits import TokenBucket
 from sidecar.jitsi import caption_json
 from sidecar.rooms import Room, RoomManager, canonical_room, valid_participant
 
@@ -89,31 +90,13 @@ class _Reject(Exception):
         self.outcome = outcome
 
 
-class _Bucket:
-    """Token bucket: ``rate`` messages a second with a burst of the same size."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.tokens = rate
-        self.last = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
 class _Connection:
     def __init__(self, endpoint: MediaJsonEndpoint, ws: web.WebSocketResponse, room: str) -> None:
         self.endpoint = endpoint
         self.ws = ws
         self.room = room
         self.sources: dict[str, str | None] = {}  # tag -> endpoint id (None: not Opus)
-        self.bucket = _Bucket(endpoint.max_messages_per_second)
+        self.bucket = TokenBucket(endpoint.max_messages_per_second)
         self.send_queue: asyncio.Queue[str] = asyncio.Queue(maxsize=1000)
         self.sender: asyncio.Task[None] | None = None
         self.ended = False

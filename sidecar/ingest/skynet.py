@@ -52,6 +52,7 @@ from sidecar.errors import (
     ServiceError,
 )
 from sidecar.events import Caption, Frame
+from sidecar.ingest.limits import TokenBucket
 from sidecar.rooms import Room, RoomManager, Subscriber, canonical_room, valid_participant
 
 __all__ = [
@@ -175,24 +176,6 @@ class _Close(Exception):
         self.outcome = outcome
 
 
-class _TokenBucket:
-    """``rate`` messages a second on average, bursts of up to ``rate``."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = float(rate)
-        self.tokens = float(rate)
-        self.last = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
-
-
 class _Speaker:
     """Where one participant's audio stands: the next frame's sequence and time."""
 
@@ -210,7 +193,7 @@ class _Connection:
         self.endpoint = endpoint
         self.ws = ws
         self.room = room
-        self.bucket = _TokenBucket(endpoint.max_messages_per_second)
+        self.bucket = TokenBucket(endpoint.max_messages_per_second)
         self.speakers: dict[str, _Speaker] = {}
         # participants whose audio a room took: only their captions go back
         self.participants: set[str] = set()
