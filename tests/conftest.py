@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,17 @@ async def collect(engine, room: str):  # type: ignore[no-untyped-def]
     loop = asyncio.get_running_loop()
     r.sinks.append(lambda c: got.append((loop.time(), c)))
     return got
+
+
+async def play(rooms, room: str, tracks: dict[str, list[bytes]]) -> None:  # type: ignore[no-untyped-def]
+    """Each participant's 20 ms Opus packets into a room at real-time pace,
+    one frame per participant every 20 ms, as the videobridge delivers them."""
+    from sidecar.events import Frame
+
+    n = max(len(p) for p in tracks.values())
+    t0 = time.monotonic()
+    for i in range(n):
+        for pid, packets in tracks.items():
+            if i < len(packets):
+                rooms.push_frame(room, pid, Frame(packets[i], i % 65536, i * 960))
+        await asyncio.sleep(max(0.0, t0 + (i + 1) * 0.02 - time.monotonic()))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,7 @@ import numpy as np
 from sidecar.audio import encode_opus, load_audio
 from sidecar.config import RoomSettings
 from sidecar.engine import Engine
-from sidecar.events import Frame
-from tests.conftest import librivox
+from tests.conftest import librivox, play
 
 
 async def main(store: Path) -> None:
@@ -36,10 +34,7 @@ async def main(store: Path) -> None:
     gap = np.zeros(12000, np.float32)
     pcm = np.concatenate([x for wav, _ in librivox() for x in (load_audio(wav), gap)])
     packets = encode_opus(pcm)
-    t0 = time.monotonic()
-    for i, p in enumerate(packets):
-        engine.rooms.push_frame(room, "reader", Frame(p, i % 65536, i * 960))
-        await asyncio.sleep(max(0.0, t0 + (i + 1) * 0.02 - time.monotonic()))
+    await play(engine.rooms, room, {"reader": packets})
     await asyncio.sleep(3600)
 
 

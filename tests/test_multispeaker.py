@@ -8,17 +8,15 @@ videobridge delivers it, in real time.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
 from sidecar.audio import OpusEncoder
 from sidecar.config import RoomSettings
 from sidecar.engine import Engine
-from sidecar.events import Frame
 from sidecar.rooms import Participant
 from sidecar.sim.voices import build_conversation
-from tests.conftest import collect, normalise
+from tests.conftest import collect, normalise, play
 
 pytestmark = pytest.mark.slow
 
@@ -47,13 +45,7 @@ async def test_overlapping_turns_attributed_to_the_right_speaker(tmp_path):
     await engine.rooms.update_roster(room, [Participant(k, v) for k, v in names.items()])
     await engine.rooms.start(room, "captions", RoomSettings())
     got = await collect(engine, room)
-    packets = {s: OpusEncoder().encode(t) for s, t in conv.tracks.items()}
-    n = min(len(p) for p in packets.values())
-    t0 = time.monotonic()
-    for i in range(n):
-        for s, pk in packets.items():
-            engine.rooms.push_frame(room, s, Frame(pk[i], i, i * 960))
-        await asyncio.sleep(max(0.0, t0 + (i + 1) * 0.02 - time.monotonic()))
+    await play(engine.rooms, room, {s: OpusEncoder().encode(t) for s, t in conv.tracks.items()})
     await engine.rooms.end_room(room)
     await engine.close()
 

@@ -25,9 +25,8 @@ import pytest
 
 from sidecar.audio import encode_opus, load_audio
 from sidecar.config import Trigger, load_config
-from sidecar.events import Frame
 from sidecar.server import Sidecar
-from tests.conftest import librivox
+from tests.conftest import librivox, play
 from tests.jitsi_clients import (
     RAYO,
     FocusClient,
@@ -261,10 +260,7 @@ async def test_dial_starts_captions_that_carry_roster_names_and_stop_without_req
         # occupant, with the name the module put in the roster
         wav = next(w for w, _ in librivox() if w.name.endswith("0880.wav"))
         packets = encode_opus(np.concatenate([load_audio(wav), np.zeros(16000, np.float32)]))
-        t1 = time.monotonic()
-        for i, p in enumerate(packets):
-            sidecar.rooms.push_frame(ROOM, "a1b2c3d4", Frame(p, i, i * 960))
-            await asyncio.sleep(max(0.0, t1 + (i + 1) * 0.02 - time.monotonic()))
+        await play(sidecar.rooms, ROOM, {"a1b2c3d4": packets})
         await wait_for(
             lambda: any(not c["is_interim"] for _, c in bob.captions()), 15, "a final caption"
         )

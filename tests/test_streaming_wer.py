@@ -10,7 +10,6 @@ the words they already showed as stable.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import jiwer
 import numpy as np
@@ -19,8 +18,7 @@ import pytest
 from sidecar.audio import encode_opus, load_audio
 from sidecar.config import RoomSettings
 from sidecar.engine import Engine
-from sidecar.events import Frame
-from tests.conftest import collect, librivox, normalise
+from tests.conftest import collect, librivox, normalise, play
 
 pytestmark = pytest.mark.slow
 
@@ -52,10 +50,7 @@ async def test_streaming_wer_close_to_offline_and_interims_stable(tmp_path):
     gap = np.zeros(16000, np.float32)  # 1 s between utterances
     pcm = np.concatenate([x for wav, _ in corpus for x in (load_audio(wav), gap)])
     packets = encode_opus(pcm)
-    t0 = time.monotonic()
-    for i, p in enumerate(packets):
-        engine.rooms.push_frame(room, "reader", Frame(p, i % 65536, i * 960))
-        await asyncio.sleep(max(0.0, t0 + (i + 1) * 0.02 - time.monotonic()))
+    await play(engine.rooms, room, {"reader": packets})
     await asyncio.sleep(1.5)
     r = engine.rooms.get(room)
     tid = r.transcript_id

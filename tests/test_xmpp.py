@@ -21,10 +21,9 @@ import slixmpp
 
 from sidecar.audio import encode_opus, load_audio
 from sidecar.config import load_config
-from sidecar.events import Frame
 from sidecar.rooms import Participant
 from sidecar.server import Sidecar
-from tests.conftest import librivox, normalise
+from tests.conftest import librivox, normalise, play
 from tests.prosody import DOMAIN, HIDDEN, MUC, make_prosody
 
 JITMEET = "http://jitsi.org/jitmeet"
@@ -174,10 +173,7 @@ async def test_transcriber_occupant_in_a_real_prosody(tmp_path):
         import numpy as np
 
         packets = encode_opus(np.concatenate([pcm, np.zeros(24000, np.float32)]))
-        t0 = time.monotonic()
-        for i, p in enumerate(packets):
-            sidecar.rooms.push_frame(ROOM, "a1b2c3d4", Frame(p, i, i * 960))
-            await asyncio.sleep(max(0.0, t0 + (i + 1) * 0.02 - time.monotonic()))
+        await play(sidecar.rooms, ROOM, {"a1b2c3d4": packets})
         await wait_for(lambda: any(not c["is_interim"] for c in alice.captions()), 10)
         caps = alice.captions()
         for c in caps:

@@ -39,7 +39,7 @@ from prometheus_client import Counter, Gauge
 from sidecar.counters import batched
 from sidecar.errors import ServiceError
 from sidecar.events import Caption, Frame
-from sidecar.ingest.limits import TokenBucket
+from sidecar.ingest.common import CloseConnection, TokenBucket
 from sidecar.jitsi import caption_json
 from sidecar.rooms import Room, RoomManager, canonical_room, valid_participant
 
@@ -80,14 +80,6 @@ BACKLOG_MAX_AGE = 30.0  # seconds a final waits for a reconnecting bridge
 CLOSE_POLICY = 1008
 CLOSE_INVALID = 1007
 CLOSE_UNSUPPORTED = 1003
-
-
-class _Reject(Exception):
-    def __init__(self, code: int, reason: str, outcome: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-        self.outcome = outcome
 
 
 class _Connection:
@@ -332,7 +324,7 @@ class MediaJsonEndpoint:
                     pending = self._message(conn, msg.data)
                     if pending is not None:
                         await pending
-                except _Reject as e:
+                except CloseConnection as e:
                     MESSAGES.labels(e.outcome).inc()
                     await ws.close(code=e.code, message=e.reason[:120].encode())
                     return e.outcome
@@ -361,12 +353,16 @@ class MediaJsonEndpoint:
         try:
             msg = _loads(data)
         except ValueError:
-            raise _Reject(CLOSE_INVALID, "invalid JSON", "bad_json") from None
+            raise CloseConnection(CLOSE_INVALID, "invalid JSON", "bad_json") from None
         if not isinstance(msg, dict) or not isinstance(msg.get("event"), str):
-            raise _Reject(CLOSE_INVALID, "a message must be an object with an 'event'", "malformed")
+            raise CloseConnection(
+                CLOSE_INVALID, "a message must be an object with an 'event'", "malformed"
+            )
         event = msg["event"]
         if event not in _KNOWN:
-            raise _Reject(CLOSE_UNSUPPORTED, f"unknown event {event[:40]!r}", "unknown_event")
+            raise CloseConnection(
+                CLOSE_UNSUPPORTED, f"unknown event {event[:40]!r}", "unknown_event"
+            )
         if event == "media":
             self._media(conn, msg.get("media"))
             return None
@@ -408,10 +404,12 @@ class MediaJsonEndpoint:
 
     def _start(self, conn: _Connection, body: Any) -> None:
         if not isinstance(body, dict) or not isinstance(body.get("tag"), str):
-            raise _Reject(CLOSE_INVALID, "start without a tag", "malformed")
+            raise CloseConnection(CLOSE_INVALID, "start without a tag", "malformed")
         tag = body["tag"]
         if len(tag) > 128:
-            raise _Reject(CLOSE_INVALID, "source tag longer than 128 characters", "malformed")
+            raise CloseConnection(
+                CLOSE_INVALID, "source tag longer than 128 characters", "malformed"
+            )
         fmt = body.get("mediaFormat") or {}
         params = body.get("customParameters") or {}
         endpoint = params.get("endpointId") if isinstance(params, dict) else None
@@ -429,7 +427,7 @@ class MediaJsonEndpoint:
             conn.sources[tag] = None
             return
         if len(conn.sources) >= 4 * self.rooms.max_speakers and tag not in conn.sources:
-            raise _Reject(CLOSE_POLICY, "too many sources", "too_many_sources")
+            raise CloseConnection(CLOSE_POLICY, "too many sources", "too_many_sources")
         conn.sources[tag] = endpoint
         # every source sends 50 packets a second: the limit grows with the meeting
         conn.bucket.rate = max(self.max_messages_per_second, 75 * len(conn.sources))
@@ -437,7 +435,7 @@ class MediaJsonEndpoint:
 
     def _media(self, conn: _Connection, body: Any) -> None:
         if not isinstance(body, dict):
-            raise _Reject(CLOSE_INVALID, "media without a body", "malformed")
+            raise CloseConnection(CLOSE_INVALID, "media without a body", "malformed")
         tag = body.get("tag")
         if tag not in conn.sources:
             MESSAGES.labels("unknown_source").inc()

@@ -52,7 +52,7 @@ from sidecar.errors import (
     ServiceError,
 )
 from sidecar.events import Caption, Frame
-from sidecar.ingest.limits import TokenBucket
+from sidecar.ingest.common import CloseConnection, TokenBucket
 from sidecar.rooms import Room, RoomManager, Subscriber, canonical_room, valid_participant
 
 __all__ = [
@@ -166,16 +166,6 @@ def caption_reply(caption: Caption) -> str:
     )
 
 
-class _Close(Exception):
-    """Ends a connection with a WebSocket close code, counted under ``outcome``."""
-
-    def __init__(self, code: int, reason: str, outcome: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-        self.outcome = outcome
-
-
 class _Speaker:
     """Where one participant's audio stands: the next frame's sequence and time."""
 
@@ -264,7 +254,7 @@ class _Connection:
             log.warning("skynet: room %s: " + message, self.room, *args)
 
     async def on_audio(self, data: bytes) -> None:
-        """Feed one audio message; raises :class:`_Close` when the socket must go."""
+        """Feed one audio message; raises :class:`CloseConnection` when the socket must go."""
         if len(data) < HEADER_BYTES:
             MESSAGES.labels("short").inc()
             self.warn_once("short", "dropped a %d-byte message (no 60-byte header)", len(data))
@@ -272,7 +262,7 @@ class _Connection:
         try:
             header = data[:HEADER_BYTES].rstrip(b"\x00").decode("utf-8")
         except UnicodeDecodeError:
-            raise _Close(1007, "the header is not UTF-8", "bad_header") from None
+            raise CloseConnection(1007, "the header is not UTF-8", "bad_header") from None
         pid, _, language = header.partition("|")
         pid = pid.strip()
         if not valid_participant(pid):
@@ -579,9 +569,9 @@ class SkynetEndpoint:
                 return  # aiohttp has closed the socket with the matching code
             try:
                 if not conn.bucket.take():
-                    raise _Close(1008, "message rate limit exceeded", "rate_limited")
+                    raise CloseConnection(1008, "message rate limit exceeded", "rate_limited")
                 if msg.type == WSMsgType.TEXT:
-                    raise _Close(1003, "only binary audio messages are accepted", "text")
+                    raise CloseConnection(1003, "only binary audio messages are accepted", "text")
                 if msg.type != WSMsgType.BINARY:
                     continue  # ping/pong are answered by aiohttp
                 data: bytes = msg.data
@@ -590,7 +580,7 @@ class SkynetEndpoint:
                     await self._end_of_stream(conn)
                     return
                 await conn.on_audio(data)
-            except _Close as c:
+            except CloseConnection as c:
                 MESSAGES.labels(c.outcome).inc()
                 log.info("skynet: room %s: closing (%d %s)", conn.room, c.code, c.reason)
                 await ws.close(code=c.code, message=c.reason.encode()[:CLOSE_REASON_BYTES])

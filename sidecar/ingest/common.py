@@ -1,4 +1,4 @@
-"""Limits shared by the ingest endpoints."""
+"""What the WebSocket ingest endpoints share."""
 
 from __future__ import annotations
 
@@ -24,3 +24,13 @@ class TokenBucket:
             return False
         self.tokens -= 1.0
         return True
+
+
+class CloseConnection(Exception):
+    """Ends one connection with a WebSocket close code, counted under ``outcome``."""
+
+    def __init__(self, code: int, reason: str, outcome: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.outcome = outcome
