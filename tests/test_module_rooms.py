@@ -163,7 +163,9 @@ async def test_the_transcriber_gets_into_a_members_only_room(tmp_path):
         alice.set_property("requestingTranscription", "true")
         reply = await alice.dial()
         assert reply.get("type") == "result", ET.tostring(reply)
-        await wait_for(lambda: transcriber_here(alice), 15, "transcriber joined the members-only room")
+        await wait_for(
+            lambda: transcriber_here(alice), 15, "transcriber joined the members-only room"
+        )
 
 
 async def test_a_tenant_rooms_dial_names_its_client_side_jid(tmp_path):
@@ -182,5 +184,38 @@ async def test_a_tenant_rooms_dial_names_its_client_side_jid(tmp_path):
         reply = await alice.dial("standup@conference.acme.localhost")
         assert reply.get("type") == "result", ET.tostring(reply)
         assert reply.find(f"{{{RAYO}}}ref").get("uri") == f"xmpp:{TRANSCRIBER}"
-        await wait_for(lambda: sidecar.rooms.get(tenant_room) is not None, 10, "room on the sidecar")
+        await wait_for(
+            lambda: sidecar.rooms.get(tenant_room) is not None, 10, "room on the sidecar"
+        )
         assert sidecar.rooms.get(tenant_room).captioning
+
+
+async def test_captions_started_through_the_api_get_the_export_too(tmp_path):
+    """An operator or integration starting captions on the sidecar directly:
+    the module's health check follows it, so the audio comes as well."""
+    async with deployment(tmp_path, global_modules=("admin_shell",)) as d:
+        sidecar = d.sidecar
+        assert sidecar is not None
+        _focus, alice, _bob = await moderated_room(d)
+        await sidecar.rooms.start(ROOM, "captions", requested_by="api")
+
+        async def enabled() -> str:
+            return await metadata(
+                d,
+                "r.jitsiMetadata and r.jitsiMetadata.recording "
+                "and r.jitsiMetadata.recording.isTranscribingEnabled",
+            )
+
+        t = asyncio.get_running_loop().time() + 15
+        while await enabled() != "true":
+            assert asyncio.get_running_loop().time() < t, "the export was not turned on"
+            await asyncio.sleep(0.3)
+        # names reach the sidecar with it
+        await wait_for(lambda: "a1b2c3d4" in sidecar.rooms.get(ROOM).roster, 10, "roster sent")
+
+        await sidecar.rooms.stop(ROOM, "captions")
+        t = asyncio.get_running_loop().time() + 15
+        while await enabled() != "false":
+            assert asyncio.get_running_loop().time() < t, "the export was not turned off"
+            await asyncio.sleep(0.3)
+        assert alice.occupant_jid  # still in the room, nothing else changed

@@ -1360,7 +1360,7 @@ local function health_check()
 				local status = there[state.jid:lower()];
 				-- an answer about the room as it was before this module's last call is stale
 				local fresh = (state.last_call_done or 0) < asked_at;
-				local was_uncertain = {};
+				local was_uncertain, followed = {}, false;
 				for _, kind in ipairs(KINDS) do
 					if state.uncertain[kind] then
 						was_uncertain[kind] = true;
@@ -1382,11 +1382,15 @@ local function health_check()
 						and state.count > 0 then
 						module:log("info", "%s in %q was started through the sidecar's API; following it", kind, state.jid);
 						state.sources[kind].api, state.applied[kind], state.known = true, true, true;
-						state.engaged = true;
+						state.engaged, followed = true, true;
 						update_engaged_gauge();
 					elseif not on and fresh and state.sources[kind].api then
-						state.sources[kind].api, state.applied[kind] = nil, false;
+						state.sources[kind].api, state.applied[kind], followed = nil, false, true;
 					end
+				end
+				if followed then
+					-- roster, settings and the export follow
+					reconcile(state);
 				end
 				if state.engaged and wants_any(state) then
 					if not status then
