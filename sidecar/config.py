@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -39,14 +40,18 @@ __all__ = [
     "ConfigError",
     "EffectiveSettings",
     "LimitsConfig",
+    "LinksConfig",
     "LoggingConfig",
     "Mode",
     "RoomSettings",
+    "RetentionConfig",
+    "S3Config",
     "ServerConfig",
     "SettingError",
     "SidecarConfig",
     "StoreConfig",
     "Trigger",
+    "WebhookEndpoint",
     "WhisperConfig",
     "canonical_language",
     "is_english",
@@ -556,7 +561,7 @@ COMPUTE_TYPES: tuple[str, ...] = (
     "float32",
 )
 """CTranslate2 compute types."""
-STORAGE_BACKENDS: tuple[str, ...] = ("local",)
+STORAGE_BACKENDS: tuple[str, ...] = ("local", "s3")
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS: tuple[str, ...] = ("json", "text")
 
@@ -734,6 +739,219 @@ class LoggingConfig:
     log_format: str = _key("json", kind="str", choices=LOG_FORMATS)
 
 
+def _check_http_url_or_empty(value: str) -> str | None:
+    if value and not (value.startswith("http://") or value.startswith("https://")):
+        return f"{value!r} must be an http:// or https:// URL (or empty)"
+    return None
+
+
+def _check_retention_rooms(value: tuple[str, ...]) -> str | None:
+    for item in value:
+        room, sep, days = item.rpartition("=")
+        if not sep or not room.strip() or not days.strip().isdigit():
+            return f"{item!r} is not ROOM=DAYS (e.g. \"board@conference.example.org=0\")"
+        if int(days) > 36500:
+            return f"{item!r}: days must be 0..36500"
+    return None
+
+
+def _check_link_key(value: str) -> str | None:
+    if len(value) < 32:
+        return "must be at least 32 characters (e.g. the output of `openssl rand -hex 32`)"
+    return None
+
+
+@dataclass
+class S3Config:
+    """``[s3]``: an S3-compatible bucket (AWS, MinIO, Ceph...) for finished transcripts.
+
+    Used when ``store.storage = "s3"``. The local directory stays the source
+    of truth while a session runs; finished files are uploaded once. Keys
+    unset here fall back to boto3's own chain (``AWS_ACCESS_KEY_ID``...).
+    """
+
+    bucket: str = _key("", kind="str")
+    endpoint_url: str = _key("", kind="str", check=_check_http_url_or_empty)  # "": AWS
+    region: str = _key("us-east-1", kind="str", check=_check_nonempty)
+    prefix: str = _key("transcripts/", kind="str")
+    access_key_id: str | None = _key(None, kind="str", optional=True)
+    secret_access_key: str | None = _key(None, kind="str", optional=True)
+    secret_access_key_file: Path | None = _key(None, kind="path", optional=True)
+    addressing_style: str = _key("auto", kind="str", choices=("auto", "path", "virtual"))
+    upload_retry_s: int = _key(60, kind="int", bounds=(1, 86_400))
+
+    def require_secret(self) -> str | None:
+        if self.secret_access_key:
+            return self.secret_access_key
+        if self.secret_access_key_file is not None:
+            try:
+                return self.secret_access_key_file.read_text().strip()
+            except OSError as e:
+                raise ConfigError("configuration", "s3.secret_access_key_file", str(e)) from e
+        return None
+
+
+@dataclass
+class RetentionConfig:
+    """``[retention]``: how long transcripts are kept, on every store."""
+
+    days: int = _key(14, kind="int", bounds=(0, 36_500))  # 0: kept for ever
+    # per-room overrides, "ROOM=DAYS" (0 keeps that room's transcripts)
+    rooms: tuple[str, ...] = _key((), kind="list", check=_check_retention_rooms)
+    sweep_interval_s: int = _key(3600, kind="int", bounds=(10, 86_400))
+
+    def days_for(self, room: str) -> int:
+        """The retention of ``room`` in days (0 = keep)."""
+        name = room.lower()
+        local = name.split("@", 1)[0]
+        for item in self.rooms:
+            r, _, days = item.rpartition("=")
+            r = r.strip().lower()
+            if r == name or ("@" not in r and r == local):
+                return int(days)
+        return self.days
+
+
+@dataclass
+class LinksConfig:
+    """``[links]``: expiring signed links to a transcript's page and files.
+
+    Set ``key`` (or ``key_file``) to switch links on; rotating the key
+    revokes every link made with the old one. ``public_url`` is where
+    participants reach this sidecar's HTTP listener (usually through the
+    web server in front of Jitsi).
+    """
+
+    key: str | None = _key(None, kind="str", optional=True, check=_check_link_key)
+    key_file: Path | None = _key(None, kind="path", optional=True)
+    public_url: str = _key("", kind="str", check=_check_http_url_or_empty)
+    ttl_days: int = _key(14, kind="int", bounds=(1, 3650))
+    post_in_chat: bool = _key(True, kind="bool")
+
+    def secret(self) -> bytes | None:
+        """The signing key, or None when links are off."""
+        if self.key:
+            return self.key.encode()
+        if self.key_file is not None:
+            try:
+                text = self.key_file.read_text().strip()
+            except OSError as e:
+                raise ConfigError("configuration", "links.key_file", str(e)) from e
+            problem = _check_link_key(text)
+            if problem:
+                raise ConfigError("configuration", "links.key_file", f"the key {problem}")
+            return text.encode()
+        return None
+
+
+WEBHOOK_NAME_RE = r"[a-z0-9][a-z0-9_-]{0,31}"
+
+
+@dataclass(frozen=True)
+class WebhookEndpoint:
+    """One ``[[webhooks]]`` entry: where lifecycle events are POSTed.
+
+    ``name`` labels its metrics and log lines (never the URL, which may hold
+    credentials). ``events`` lists event types (``sidecar.room_events.EVENT_TYPES``);
+    ``"*"`` means all but ``caption.interim``; the default is every lifecycle
+    event (no captions).
+    """
+
+    name: str
+    url: str
+    secret: str
+    events: frozenset[str]
+    timeout_s: float = 10.0
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 300.0
+    max_age_s: float = 3 * 86_400.0  # then the message is dropped, with a log line
+
+    def wants(self, event_type: str) -> bool:
+        return event_type in self.events
+
+
+_WEBHOOK_KEYS = (
+    "name",
+    "url",
+    "secret",
+    "secret_file",
+    "events",
+    "timeout_s",
+    "backoff_initial_s",
+    "backoff_max_s",
+    "max_age_s",
+)
+_LIFECYCLE_EVENTS = (
+    "transcription.started",
+    "transcription.stopped",
+    "transcription.ready",
+    "transcription.failed",
+    "captions.started",
+    "captions.stopped",
+    "captions.failed",
+    "room.ended",
+)
+_ALL_EVENTS = (*_LIFECYCLE_EVENTS, "caption.final", "caption.interim")
+
+
+def _read_webhooks(source: str, raw: object) -> tuple[WebhookEndpoint, ...]:
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise ConfigError(source, "webhooks", "must be an array of tables ([[webhooks]])")
+    out: list[WebhookEndpoint] = []
+    for n, table in enumerate(raw):
+        where = f"webhooks[{n}]"
+        for key in table:
+            if key not in _WEBHOOK_KEYS:
+                raise ConfigError(
+                    source, f"{where}.{key}", f"unknown key (allowed: {', '.join(_WEBHOOK_KEYS)})"
+                )
+        name = table.get("name")
+        if not isinstance(name, str) or not re.fullmatch(WEBHOOK_NAME_RE, name):
+            raise ConfigError(source, f"{where}.name", f"{name!r} must match {WEBHOOK_NAME_RE}")
+        where = f"webhooks[{name}]"
+        if any(e.name == name for e in out):
+            raise ConfigError(source, f"{where}.name", "is used by two endpoints")
+        url = table.get("url")
+        if not isinstance(url, str) or not re.fullmatch(r"https?://[^\s]+", url):
+            raise ConfigError(source, f"{where}.url", "must be an http:// or https:// URL")
+        secret = table.get("secret")
+        if secret is None and "secret_file" in table:
+            try:
+                secret = Path(str(table["secret_file"])).expanduser().read_text().strip()
+            except OSError as e:
+                raise ConfigError(source, f"{where}.secret_file", str(e)) from None
+        if not isinstance(secret, str) or len(secret) < 16:
+            raise ConfigError(
+                source, f"{where}.secret", "is required, at least 16 characters (or secret_file)"
+            )
+        events_raw = table.get("events", list(_LIFECYCLE_EVENTS))
+        if not isinstance(events_raw, list) or not all(isinstance(e, str) for e in events_raw):
+            raise ConfigError(source, f"{where}.events", "must be a list of event types")
+        events: set[str] = set()
+        for e in events_raw:
+            if e == "*":
+                events.update(t for t in _ALL_EVENTS if t != "caption.interim")
+            elif e in _ALL_EVENTS:
+                events.add(e)
+            else:
+                raise ConfigError(
+                    source, f"{where}.events", f"{e!r} is not one of *, {', '.join(_ALL_EVENTS)}"
+                )
+        nums: dict[str, float] = {}
+        for key, default, lo, hi in (
+            ("timeout_s", 10.0, 0.1, 300.0),
+            ("backoff_initial_s", 1.0, 0.01, 3600.0),
+            ("backoff_max_s", 300.0, 0.01, 86_400.0),
+            ("max_age_s", 3 * 86_400.0, 1.0, 30 * 86_400.0),
+        ):
+            v = table.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
+                raise ConfigError(source, f"{where}.{key}", f"must be a number {lo}..{hi}")
+            nums[key] = float(v)
+        out.append(WebhookEndpoint(name, url, secret, frozenset(events), **nums))
+    return tuple(out)
+
+
 # The [defaults] section maps onto EffectiveSettings, checked by RoomSettings.
 _DEFAULTS_SPECS: dict[str, _Spec] = {
     "language": _Spec("str"),
@@ -760,6 +978,10 @@ class SidecarConfig:
     xmpp: XmppConfig = field(default_factory=XmppConfig)
     defaults: EffectiveSettings = field(default_factory=EffectiveSettings)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    s3: S3Config = field(default_factory=S3Config)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    links: LinksConfig = field(default_factory=LinksConfig)
+    webhooks: tuple[WebhookEndpoint, ...] = ()
     config_path: Path | None = None  # the file it was read from, for the log
 
 
@@ -771,6 +993,9 @@ _SECTIONS: dict[str, type] = {
     "ingest": IngestConfig,
     "xmpp": XmppConfig,
     "logging": LoggingConfig,
+    "s3": S3Config,
+    "retention": RetentionConfig,
+    "links": LinksConfig,
 }
 _ENV_PREFIX = "CAPTIONS_"
 _ENV_CONFIG = "CAPTIONS_CONFIG"
@@ -875,8 +1100,12 @@ def _read_file(path: Path) -> dict[str, dict[str, _Value]]:
         raise ConfigError(source, "", f"cannot be read: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(source, "", f"is not valid TOML: {e}") from None
-    sections = ", ".join(f"[{s}]" for s in _ALL_SECTIONS)
+    sections = ", ".join(f"[{s}]" for s in _ALL_SECTIONS) + ", [[webhooks]]"
     result: dict[str, dict[str, _Value]] = {}
+    if "webhooks" in data:
+        # an array of tables, not a section of keys: kept whole under one key
+        endpoints = _read_webhooks(source, data.pop("webhooks"))
+        result["webhooks"] = {"endpoints": _Value(endpoints, source)}
     for section, table in data.items():
         if section not in _ALL_SECTIONS:
             raise ConfigError(source, section, f"unknown section (allowed: {sections})")
@@ -1008,6 +1237,13 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
     whisper: WhisperConfig = sections["whisper"]
     _read_token_file(server, values.get("server", {}))
     _check_model(whisper, values.get("whisper", {}))
+    if sections["store"].storage == "s3" and not sections["s3"].bucket:
+        item = values.get("store", {}).get("storage")
+        raise ConfigError(
+            item.source if item else "configuration",
+            "s3.bucket",
+            'is required when store.storage = "s3"',
+        )
     return SidecarConfig(
         server=server,
         store=sections["store"],
@@ -1017,5 +1253,9 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
         xmpp=sections["xmpp"],
         defaults=_build_defaults(values.get("defaults", {})),
         logging=sections["logging"],
+        s3=sections["s3"],
+        retention=sections["retention"],
+        links=sections["links"],
+        webhooks=values["webhooks"]["endpoints"].value if "webhooks" in values else (),
         config_path=path,
     )

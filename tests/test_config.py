@@ -784,7 +784,7 @@ def test_config_range_bounds(
             "whisper.whisper_model_multilingual",
             "English-only",
         ),
-        ('[store]\nstorage = "s3"', "store.storage", "local"),
+        ('[store]\nstorage = "ftp"', "store.storage", "local, s3"),
         ('[logging]\nlog_level = "verbose"', "logging.log_level", "debug, info"),
         ('[logging]\nlog_format = "xml"', "logging.log_format", "json, text"),
         ('[defaults]\nlanguage = "xx"', "defaults.language", "en-US"),
