@@ -749,7 +749,7 @@ def _check_retention_rooms(value: tuple[str, ...]) -> str | None:
     for item in value:
         room, sep, days = item.rpartition("=")
         if not sep or not room.strip() or not days.strip().isdigit():
-            return f"{item!r} is not ROOM=DAYS (e.g. \"board@conference.example.org=0\")"
+            return f'{item!r} is not ROOM=DAYS (e.g. "board@conference.example.org=0")'
         if int(days) > 36500:
             return f"{item!r}: days must be 0..36500"
     return None
@@ -928,14 +928,16 @@ def _read_webhooks(source: str, raw: object) -> tuple[WebhookEndpoint, ...]:
         if not isinstance(events_raw, list) or not all(isinstance(e, str) for e in events_raw):
             raise ConfigError(source, f"{where}.events", "must be a list of event types")
         events: set[str] = set()
-        for e in events_raw:
-            if e == "*":
+        for wanted in events_raw:
+            if wanted == "*":
                 events.update(t for t in _ALL_EVENTS if t != "caption.interim")
-            elif e in _ALL_EVENTS:
-                events.add(e)
+            elif wanted in _ALL_EVENTS:
+                events.add(wanted)
             else:
                 raise ConfigError(
-                    source, f"{where}.events", f"{e!r} is not one of *, {', '.join(_ALL_EVENTS)}"
+                    source,
+                    f"{where}.events",
+                    f"{wanted!r} is not one of *, {', '.join(_ALL_EVENTS)}",
                 )
         nums: dict[str, float] = {}
         for key, default, lo, hi in (

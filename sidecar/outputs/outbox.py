@@ -83,9 +83,7 @@ class Outbox:
         self._fd = self._open()
 
     def _open(self) -> int:
-        return os.open(
-            self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
-        )
+        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
 
     def _replay(self) -> None:
         try:
@@ -95,7 +93,9 @@ class Outbox:
         lines = data.split(b"\n")
         torn = lines.pop()
         if torn.strip():
-            log.warning("outbox %s: skipping a line torn by a crash (%d bytes)", self.path, len(torn))
+            log.warning(
+                "outbox %s: skipping a line torn by a crash (%d bytes)", self.path, len(torn)
+            )
         for number, raw in enumerate(lines, 1):
             if not raw.strip():
                 continue
@@ -118,9 +118,8 @@ class Outbox:
                     )
                 except (KeyError, TypeError, ValueError):
                     log.warning("outbox %s: skipping incomplete line %d", self.path, number)
-            elif op == "done":
-                if self._pending.pop(key, None) is not None:
-                    self._done += 1
+            elif op == "done" and self._pending.pop(key, None) is not None:
+                self._done += 1
         if torn.strip():
             # cut the torn fragment off, or the next line would be glued to it
             with open(self.path, "r+b") as f:
@@ -183,9 +182,7 @@ class Outbox:
     def pending(self, endpoint: str | None = None) -> list[OutboxRecord]:
         """What is still to send, oldest first (only ``endpoint``'s when given)."""
         with self._lock:
-            return [
-                r for r in self._pending.values() if endpoint is None or r.endpoint == endpoint
-            ]
+            return [r for r in self._pending.values() if endpoint is None or r.endpoint == endpoint]
 
     def __len__(self) -> int:
         return len(self._pending)
