@@ -242,3 +242,26 @@ async def test_the_archiver_retries_until_the_bucket_exists(
     assert len(errors) == 1  # said once, not at every retry
     assert "the bucket does not exist" in errors[0] and "local copy is kept" in errors[0]
     assert archive(s3, name).info(tid).entries == 3
+
+
+def test_retention_sweeps_the_bucket_and_the_local_directory(
+    tmp_path: Path, s3: S3Server, bucket: str
+) -> None:
+    import time
+
+    from sidecar.config import RetentionConfig
+    from sidecar.retention import RetentionSweeper
+
+    local = LocalDirStore(tmp_path)
+    remote = archive(s3, bucket)
+    old = finished_session(local)
+    kept = finished_session(local, room="board@conference.example.org")
+    Archiver(local, remote).upload_pending()
+    now = time.time() + 15 * 86_400
+    sweeper = RetentionSweeper(
+        {"local": local, "s3": remote}, RetentionConfig(rooms=("board=0",)), clock=lambda: now
+    )
+    assert sorted(sweeper.sweep()) == [("local", old), ("s3", old)]
+    assert [m.id for m in local.list()] == [kept]
+    assert [m.id for m in remote.list()] == [kept]
+    assert not any(k.startswith(f"transcripts/{old}/") for k in objects(s3, bucket))
