@@ -32,6 +32,7 @@ import hmac
 import html
 import json
 import logging
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
@@ -55,7 +56,7 @@ from sidecar.store.base import (
     TranscriptNotFound,
     TranscriptStore,
 )
-from sidecar.store.render import entry_from_dict, entry_to_dict
+from sidecar.store.render import entry_from_dict, entry_to_dict, format_iso
 
 __all__ = ["TranscriptRoutes"]
 
@@ -408,11 +409,7 @@ def _entry_event(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _caption_event(event: CaptionPublished) -> dict[str, Any]:
-    from sidecar.store.render import format_iso
-
     c = event.caption
-    from datetime import UTC, datetime
-
     return {
         "message_id": c.message_id,
         "speaker_id": c.participant_id,
