@@ -4,6 +4,30 @@ A room runs one :class:`~sidecar.pipeline.speaker.SpeakerPipeline` per
 participant who sends audio, while captions or transcription (or both) are
 on. Finals are written to the transcript (fsynced) *before* they are
 published, so any final a viewer has seen survives a crash.
+
+Captions reach the participants' screens through exactly one *carrier* per
+caption, never two: jitsi-meet shows what arrives on either (the MUC
+``json-message`` and the videobridge's ``EndpointMessage`` from
+"transcriber", which lib-jitsi-meet raises as NON_PARTICIPANT_MESSAGE_RECEIVED),
+so sending on both shows every caption twice in the CC tab and the external
+API. The rule (:meth:`Room.pick_carrier`):
+
+- ``muc``, the transcriber occupant's groupchat, whenever the sidecar's
+  occupant is enabled and joined in the room. It works whatever brings the
+  audio (videobridge export, RTP, the control API), its presence is what
+  makes the UI show "transcribing" (lib-jitsi-meet raises the
+  transcription-status only for a hidden-domain member with the transcriber
+  feature), and the MUC reaches every endpoint, on every bridge of the
+  conference;
+- ``videobridge``, the answer on the export socket, otherwise (XMPP off, or
+  the occupant not in the room: refused, reconnecting). The bridge relays it
+  to every endpoint (jvb ``Conference.ExporterEventHandlerImpl.
+  handleTranscriptionResult`` broadcasts an ``EndpointMessage`` with
+  ``from: "transcriber"``), but that path exists only while the export is
+  open.
+
+The choice sticks to an utterance (its ``message_id``) while its carrier can
+still send, so an utterance's interims and final arrive the same way.
 """
 
 from __future__ import annotations
@@ -57,6 +81,11 @@ TRANSCRIPT_ERRORS = Counter(
 )
 DRAIN_TIMEOUT = 30.0  # seconds a stop waits for the last finals
 INGEST_SOURCES = ("videobridge", "jigasi")
+CARRIED = Counter(
+    "captions_carried_total",
+    "Captions sent to the participants, by carrier (each on exactly one)",
+    ["carrier"],
+)
 SUBSCRIBER_DROPS = Counter(
     "captions_subscriber_dropped_total", "Caption events not delivered to a slow subscriber"
 )
@@ -126,6 +155,17 @@ class Subscriber:
 
 CaptionSink = Callable[[Caption], None]
 
+CARRIERS = ("muc", "videobridge")  # in order of preference, see the module doc
+
+
+@dataclass(slots=True)
+class Carrier:
+    """One way captions reach the participants: ``send`` when ``ready()``."""
+
+    name: str  # one of CARRIERS
+    ready: Callable[[], bool]
+    send: CaptionSink
+
 
 @dataclass
 class Room:
@@ -154,10 +194,38 @@ class Room:
     ingest_connections: int = 0  # open videobridge / Jigasi sockets
     last_audio: float = field(default_factory=time.monotonic)
     source: str = ""  # who started it: "videobridge", "jigasi", or a control API caller
+    # where captions go to the participants' screens, by CARRIERS name
+    carriers: dict[str, Carrier] = field(default_factory=dict)
+    carrier_by_message: dict[str, str] = field(default_factory=dict)
+    # what an operator should act on, by kind ("no_audio", "join"), in words
+    warnings: dict[str, str] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
         return self.transcribing or self.captioning
+
+    def pick_carrier(self, message_id: str = "") -> Carrier | None:
+        """The one carrier a caption goes out on (see the module doc)."""
+        name = self.carrier_by_message.get(message_id) if message_id else None
+        if name is not None:
+            c = self.carriers.get(name)
+            if c is not None and c.ready():
+                return c
+        for name in CARRIERS:
+            c = self.carriers.get(name)
+            if c is not None and c.ready():
+                return c
+        return None
+
+    @property
+    def warning(self) -> str:
+        return " | ".join(self.warnings.values())
+
+    @property
+    def carrier(self) -> str:
+        """The carrier a new caption would take now ("" for none)."""
+        c = self.pick_carrier()
+        return c.name if c is not None else ""
 
     @property
     def transcript_id(self) -> str:
@@ -679,6 +747,21 @@ class RoomManager:
                 sink(cap)
             except Exception:
                 log.exception("room %s: caption sink failed", r.name)
+        carrier = r.pick_carrier(cap.message_id)
+        if carrier is None:
+            CARRIED.labels("none").inc()
+            return
+        if cap.is_interim:
+            if len(r.carrier_by_message) > 1000:  # utterances that never got a final
+                r.carrier_by_message.clear()
+            r.carrier_by_message[cap.message_id] = carrier.name
+        else:
+            r.carrier_by_message.pop(cap.message_id, None)
+        try:
+            carrier.send(cap)
+            CARRIED.labels(carrier.name).inc()
+        except Exception:
+            log.exception("room %s: caption carrier %s failed", r.name, carrier.name)
 
     def subscribe(self, room: str, include_interims: bool) -> Subscriber:
         r = self._room(room)

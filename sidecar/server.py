@@ -31,7 +31,7 @@ from sidecar.ingest.skynet import SkynetEndpoint
 from sidecar.pipeline.speaker import GateConfig
 from sidecar.pipeline.vad import SileroVad
 from sidecar.proto.captions.v1 import captions_pb2, captions_pb2_grpc
-from sidecar.rooms import Room, RoomManager
+from sidecar.rooms import Carrier, Room, RoomManager
 from sidecar.store.local import LocalDirStore
 from sidecar.xmpp.transcriber import TranscriberOccupant, TranscriberOptions
 
@@ -127,10 +127,14 @@ class Sidecar:
             return  # not a MUC room (a Jigasi connection id): nothing to join
         if what == "start" and room.active:
             occ.join(room.name, room.transcript_id)
-            if occ.send_caption not in room.sinks:
-                room.sinks.append(occ.send_caption)
+            if "muc" not in room.carriers:
+                name = room.name
+                room.carriers["muc"] = Carrier(
+                    "muc", ready=lambda: occ.joined(name), send=occ.send_caption
+                )
         elif what == "end" or not room.active:
             occ.leave(room.name)
+            room.carriers.pop("muc", None)
 
     def http_app(self) -> web.Application:
         app = web.Application(client_max_size=8 * 1024 * 1024)

@@ -7,9 +7,13 @@ conference carries every audio source: ``start`` names a source (its tag,
 e.g. ``abcd1234-a0``, and the endpoint id), ``media`` carries base64 Opus
 with the RTP sequence number (``chunk``) and timestamp as strings, the
 sender's ``vad`` flag and ``audioLevel``; the bridge pings every 10 s and
-reconnects when no pong comes within 3 s. Captions go back on the same
+reconnects when no pong comes within 3 s. Captions may go back on the same
 socket as ``transcription-result`` messages, which the bridge relays to the
-participants as endpoint messages from "transcriber".
+participants as endpoint messages from "transcriber" (jvb ``Conference``,
+``ExporterEventHandlerImpl.handleTranscriptionResult``): this is the room's
+``videobridge`` carrier, used only when the transcriber occupant is not in
+the room (see :mod:`sidecar.rooms`); otherwise the socket carries no
+captions, or every caption would be shown twice.
 
 After a reconnect the bridge sends ``start`` again for each source; ``chunk``
 is the extended RTP sequence number, so the speaker's stream goes on where it
@@ -41,7 +45,7 @@ from sidecar.errors import ServiceError
 from sidecar.events import Caption, Frame
 from sidecar.ingest.common import CloseConnection, TokenBucket
 from sidecar.jitsi import caption_json
-from sidecar.rooms import Room, RoomManager, canonical_room, valid_participant
+from sidecar.rooms import Carrier, Room, RoomManager, canonical_room, valid_participant
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +144,13 @@ class MediaJsonEndpoint:
         self.closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         rooms.on_change.append(self._room_changed)
-        self._sinks: dict[str, Callable[[Caption], None]] = {}
+        self._carriers: dict[str, Carrier] = {}
 
     def _room_changed(self, room: Room, what: str) -> None:
         # finals kept for a reconnecting bridge never outlive their meeting
         if what == "end" or not room.active:
             self._backlog.pop(room.name, None)
-            self._sinks.pop(room.name, None)
+            self._carriers.pop(room.name, None)
 
     def add_routes(self, app: web.Application, path: str) -> None:
         app.router.add_get(path + "/{meeting_id}", self.handle)
@@ -290,21 +294,25 @@ class MediaJsonEndpoint:
                 await self.rooms.end_room(name)
 
     def _attach(self, r: Room) -> None:
-        """One sink per room: captions go to the room's newest socket only,
-        so a reconnecting bridge never gets (and relays) a caption twice."""
-        if r.name in self._sinks and self._sinks[r.name] in r.sinks:
+        """The room's ``videobridge`` carrier: a caption the room sends this
+        way goes to its newest socket only, so a reconnecting bridge never
+        gets (and relays) a caption twice. Finals made while the bridge is
+        away wait for its return; only captions that took this carrier do,
+        so a reconnect never replays what went out through the MUC."""
+        if r.carriers.get("videobridge") is self._carriers.get(r.name) is not None:
             return
         name = r.name
 
-        def sink(c: Caption) -> None:
+        def send(c: Caption) -> None:
             conn = self.latest.get(name)
             if conn is not None:
                 conn.send(c)
             elif not c.is_interim:
                 self._backlog.setdefault(name, deque(maxlen=100)).append((time.monotonic(), c))
 
-        self._sinks[name] = sink
-        r.sinks.append(sink)
+        carrier = Carrier("videobridge", ready=lambda: True, send=send)
+        self._carriers[name] = carrier
+        r.carriers["videobridge"] = carrier
 
     @staticmethod
     async def _flush(conn: _Connection) -> None:

@@ -282,6 +282,12 @@ class TranscriberOccupant:
         state.advertised = True
         SENT.labels("advertise").inc()
 
+    def joined(self, room: str) -> bool:
+        """Whether the occupant is in ``room`` now (the room's ``muc`` carrier
+        can send)."""
+        state = self.rooms.get(room)
+        return state is not None and state.joined and self.online
+
     # -- captions ----------------------------------------------------------
     def send_caption(self, c: Caption) -> None:
         state = self.rooms.get(c.room)
