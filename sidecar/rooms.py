@@ -86,6 +86,10 @@ CARRIED = Counter(
     "Captions sent to the participants, by carrier (each on exactly one)",
     ["carrier"],
 )
+NO_AUDIO = Counter(
+    "captions_no_audio_warnings_total",
+    "Rooms switched on that got no audio within ingest.no_audio_warning_s",
+)
 SUBSCRIBER_DROPS = Counter(
     "captions_subscriber_dropped_total", "Caption events not delivered to a slow subscriber"
 )
@@ -199,6 +203,10 @@ class Room:
     carrier_by_message: dict[str, str] = field(default_factory=dict)
     # what an operator should act on, by kind ("no_audio", "join"), in words
     warnings: dict[str, str] = field(default_factory=dict)
+    active_since: float = field(default_factory=time.monotonic)
+    audio_seen: bool = False  # a frame arrived since captions/transcription went on
+    requested_by: str = ""  # the last person (endpoint id) who asked, for notices
+    room_password: str = ""  # for the transcriber occupant's join; never logged
 
     @property
     def active(self) -> bool:
@@ -245,6 +253,7 @@ class RoomManager:
         max_subscribers_per_room: int = 20,
         gate: GateConfig | None = None,
         ingest_idle_end_s: float = 600.0,
+        no_audio_warning_s: float = 10.0,
     ) -> None:
         self.defaults = defaults
         self.store = store
@@ -262,6 +271,11 @@ class RoomManager:
         self._ticker: asyncio.Task[None] | None = None
         self.on_change: list[Callable[[Room, str], None]] = []
         self.ingest_idle_end_s = ingest_idle_end_s
+        # a room on with no audio after this long gets a warning; 0: never
+        self.no_audio_warning_s = no_audio_warning_s
+        # where the videobridge should connect, for the warning's words
+        self.mediajson_url = ""
+        self._last_audio_check = time.monotonic()
         self._last_reap = time.monotonic()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -278,6 +292,9 @@ class RoomManager:
             if now - self._last_reap > 10:
                 self._last_reap = now
                 self._reap_idle_ingest_rooms(now)
+            if now - self._last_audio_check >= 0.5:
+                self._last_audio_check = now
+                self._check_no_audio(now)
             for room in list(self.rooms.values()):
                 if not room.live:
                     continue
@@ -303,6 +320,43 @@ class RoomManager:
                 task = asyncio.create_task(self._end_quietly(r.name))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+
+    def _check_no_audio(self, now: float) -> None:
+        """A room switched on that gets no audio says so, once, in words."""
+        limit = self.no_audio_warning_s
+        if limit <= 0:
+            return
+        for r in list(self.rooms.values()):
+            if not r.active or r.audio_seen or not r.live or "no_audio" in r.warnings:
+                continue
+            if now - r.active_since < limit:
+                continue
+            r.warnings["no_audio"] = text = self._no_audio_text(r, limit)
+            NO_AUDIO.inc()
+            log.warning("%s", text)
+            self._notify(r, "no_audio")
+
+    def _no_audio_text(self, r: Room, limit: float) -> str:
+        if r.ingest_connections > 0:
+            return (
+                f"the videobridge is connected for room {r.name} but sent no audio "
+                f"{limit:.0f} s after start: is everyone muted? (the bridge exports only "
+                "audio that participants send)"
+            )
+        url = self.mediajson_url or "the sidecar's mediajson URL"
+        return (
+            f"no audio from the videobridge for room {r.name} {limit:.0f} s after start: "
+            f"check jicofo.transcription.url-template (it must point at {url}), that the "
+            "room_metadata component is loaded (Jicofo turns the export on only from room "
+            f"metadata with asyncTranscription and recording.isTranscribingEnabled) and that "
+            f"the bridge can reach {url}"
+        )
+
+    def _audio_arrived(self, r: Room) -> None:
+        r.audio_seen = True
+        if r.warnings.pop("no_audio", None) is not None:
+            log.info("room %s: audio arrives now; the no-audio warning is cleared", r.name)
+            self._notify(r, "audio")
 
     async def _end_quietly(self, name: str) -> None:
         with contextlib.suppress(NotFound):
@@ -373,14 +427,20 @@ class RoomManager:
         requested_by: str = "",
         live: bool = True,
         meeting_id: str = "",
+        room_password: str = "",
     ) -> Room:
-        """Switch ``kind`` ("transcription" or "captions") on. Idempotent."""
+        """Switch ``kind`` ("transcription" or "captions") on. Idempotent.
+
+        ``room_password``: the MUC room's password (the dial's
+        ``JvbRoomPassword``), for the transcriber occupant."""
         r = self._room(room)
         # one change at a time per room: a start must not interleave with a
         # stop that is still draining, or with the room being ended
         async with r.lock:
             if self.rooms.get(r.name) is not r:
                 r = self._room(room)  # it was ended meanwhile: a new one
+            if room_password:
+                r.room_password = room_password[:256]
             return await self._start_locked(
                 r, kind, settings, trigger, requested_by, live, meeting_id
             )
@@ -417,10 +477,14 @@ class RoomManager:
         eff = self._resolve(r)
         self._apply(r, eff)
         r.live = live
+        if requested_by and requested_by not in INGEST_SOURCES:
+            r.requested_by = requested_by
         if not was_active:
             r.trigger = trigger
             r.source = requested_by
-            r.last_audio = time.monotonic()
+            r.last_audio = r.active_since = time.monotonic()
+            r.audio_seen = False
+            r.warnings.pop("no_audio", None)
         if kind == "transcription" and not r.transcribing:
             r.writer = await asyncio.to_thread(self.store.open, r.name, language=eff.language)
             r.transcribing = True
@@ -469,6 +533,8 @@ class RoomManager:
                 log.info("room %s: transcript %s saved (%d entries)", r.name, meta.id, meta.entries)
         else:
             r.captioning = False
+        if not r.active:
+            r.warnings.pop("no_audio", None)
         ROOMS_ACTIVE.set(sum(1 for x in self.rooms.values() if x.active))
         self._notify(r, "stop")
 
@@ -641,6 +707,8 @@ class RoomManager:
                 FRAMES_DROPPED.labels("too_many_speakers").inc()
                 return False
             sp = self._new_speaker(r, participant)
+        if not r.audio_seen:
+            self._audio_arrived(r)
         try:
             sp.push(frame)
         except Exception:
