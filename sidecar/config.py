@@ -696,6 +696,10 @@ class IngestConfig:
     # <sha256 hex of kid>.pem or <kid>.pem. Unset: only the shared token.
     jigasi_public_keys_dir: Path | None = _key(None, kind="path", optional=True)
     jigasi_audience: str = _key("jitsi", kind="str", check=_check_nonempty)
+    # a room with captions or transcription on that gets no audio from any
+    # ingest this many seconds after the start gets a warning (status, log,
+    # a message to the moderator); 0 switches it off
+    no_audio_warning_s: int = _key(10, kind="int", bounds=(0, 600))
 
 
 @dataclass

@@ -141,6 +141,7 @@ class CaptionsService(pb_grpc.CaptionsServicer):
             trigger=trigger,
             requested_by=request.requested_by[:256],
             meeting_id=request.meeting_id,
+            room_password=request.room_password,
         )
         return self._status(r)
 
