@@ -357,8 +357,7 @@ class TranscriberOccupant:
         if self._closing:
             return
         state.attempts += 1
-        base, cap = self.options.rejoin_base_s, self.options.rejoin_max_s
-        delay = min(cap, base * 2.0 ** min(state.attempts - 1, 16))
+        delay = rejoin_delay(self.options, state.attempts)
         if state.retry is not None:
             state.retry.cancel()
 
@@ -451,6 +450,12 @@ class TranscriberOccupant:
         text = ET.SubElement(reason, f"{{{JINGLE}}}text")
         text.text = "audio for transcription comes from the videobridge export"
         term.send()
+
+
+def rejoin_delay(options: TranscriberOptions, attempt: int) -> float:
+    """Seconds before try ``attempt`` (1, 2, ...) of a refused join: doubling
+    from ``rejoin_base_s``, never more than ``rejoin_max_s``."""
+    return float(min(options.rejoin_max_s, options.rejoin_base_s * 2.0 ** min(attempt - 1, 30)))
 
 
 def _reparent(el: ET.Element, ns: str) -> ET.Element:
