@@ -33,6 +33,7 @@ from sidecar.pipeline.vad import SileroVad
 from sidecar.proto.captions.v1 import captions_pb2, captions_pb2_grpc
 from sidecar.rooms import Carrier, Room, RoomManager
 from sidecar.store.local import LocalDirStore
+from sidecar.xmpp.tls import TlsPolicy, normalise_fingerprint
 from sidecar.xmpp.transcriber import TranscriberOccupant, TranscriberOptions
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,11 @@ class Sidecar:
                     starttls=x.starttls,
                     send_text=x.send_text,
                     advertise_url=x.advertise_url,
+                    tls=TlsPolicy(
+                        ca_file=str(x.ca_file) if x.ca_file is not None else "",
+                        pinned_sha256=normalise_fingerprint(x.pinned_cert_sha256 or "") or "",
+                        server_name=x.tls_server_name or "",
+                    ),
                 )
             )
             self.rooms.on_change.append(self._room_changed)

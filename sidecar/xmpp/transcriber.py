@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import secrets
+import ssl
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,8 +43,10 @@ from prometheus_client import Counter, Gauge
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
+from sidecar.config import ConfigError
 from sidecar.events import Caption
 from sidecar.jitsi import caption_json
+from sidecar.xmpp.tls import TlsPolicy, explain, probe_certificate
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,9 @@ _CONDITIONS = {
     "item-not-found",
     "not-allowed",
 }
+TLS_REFUSED = Counter(
+    "captions_xmpp_tls_refused_total", "XMPP server certificates refused by the TLS policy"
+)
 JINGLE_DECLINED = Counter("captions_xmpp_jingle_declined_total", "Jingle invitations declined")
 
 
@@ -84,6 +90,7 @@ class TranscriberOptions:
     starttls: bool = True  # False only for a server on loopback
     send_text: bool = False  # Jigasi's SEND_TXT: finals as plain chat lines too
     advertise_url: str = ""  # template with {room} and {transcript_id}; "" = off
+    tls: TlsPolicy = TlsPolicy()  # how the server's certificate is trusted
     rejoin_base_s: float = 2.0  # first wait after a refused join, doubled each time
     rejoin_max_s: float = 300.0  # the longest wait between two tries
 
@@ -117,6 +124,10 @@ class TranscriberOccupant:
         self.on_joined: list[Callable[[str], None]] = []
         # (room, reason) when a join is refused, in words an operator can act on
         self.on_refused: list[Callable[[str, str], None]] = []
+        # the server's certificate was refused: no retry, the reason in words
+        self.tls_error = ""
+        self._tls_pending = False  # a refused handshake is being explained
+        self._tls_failed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- connection --------------------------------------------------------
@@ -126,6 +137,10 @@ class TranscriberOccupant:
         c.register_plugin("xep_0199", {"keepalive": True, "interval": 30, "timeout": 10})
         c.enable_starttls = self.options.starttls
         c.enable_direct_tls = False
+        if self.options.starttls:
+            c.ssl_context = self.options.tls.context()
+            c.add_event_handler("ssl_cert", self._check_cert)
+            c.add_event_handler("ssl_invalid_chain", self._invalid_chain)
         if not self.options.starttls:
             # plain TCP is only for a server on the same host (tests, loopback)
             c.enable_plaintext = True
@@ -151,10 +166,20 @@ class TranscriberOccupant:
 
     async def start(self, wait_s: float = 15.0) -> None:
         """Connect; waits up to ``wait_s`` for the session, then goes on
-        trying in the background (the sidecar serves without XMPP meanwhile)."""
+        trying in the background (the sidecar serves without XMPP meanwhile).
+
+        Raises :class:`ConfigError` when the server's certificate is refused:
+        that needs an option set (``xmpp.ca_file``, ``xmpp.pinned_cert_sha256``,
+        ``xmpp.tls_server_name``), not retries."""
         self._connect()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._online.wait(), wait_s)
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._online, self._tls_failed)]
+        try:
+            await asyncio.wait(waits, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if self.tls_error:
+            raise ConfigError(self._server(), "", self.tls_error)
         if not self._online.is_set():
             log.warning("xmpp: not online after %.0f s; will keep trying", wait_s)
 
@@ -163,6 +188,42 @@ class TranscriberOccupant:
             self.client.connect(self.options.host, self.options.port)
         else:
             self.client.connect()
+
+    def _server(self) -> str:
+        where = f"{self.options.host}:{self.options.port}" if self.options.host else ""
+        return f"the XMPP connection to {where or slixmpp.JID(self.options.jid).domain}"
+
+    def _check_cert(self, pem: str) -> None:
+        """After the handshake: the pin and the name, where configured."""
+        der = ssl.PEM_cert_to_DER_cert(pem)
+        transport = self.client.transport
+        peercert = transport.get_extra_info("peercert") if transport is not None else None
+        problem = self.options.tls.check(der, peercert or None, self.client.boundjid.domain)
+        if problem is not None:
+            self._fail_tls(problem)
+
+    def _invalid_chain(self, error: BaseException) -> None:
+        """The handshake failed verification: find out why, in words."""
+        domain = slixmpp.JID(self.options.jid).domain
+        self.client.abort()
+        self._tls_pending = True
+
+        async def explain_it() -> None:
+            host = self.options.host or domain
+            probed = await probe_certificate(host, self.options.port, domain)
+            self._fail_tls(explain(error, self.options.tls.server_name or domain, probed))
+
+        task = asyncio.get_running_loop().create_task(explain_it())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _fail_tls(self, message: str) -> None:
+        if not self.tls_error:
+            log.error("xmpp: %s", message)
+        self.tls_error = message
+        TLS_REFUSED.inc()
+        self._tls_failed.set()
+        self.client.abort()
 
     @property
     def online(self) -> bool:
@@ -189,15 +250,26 @@ class TranscriberOccupant:
             state.joined = False
         if self._closing:
             return
+        if self._reconnect_task is not None and not self._reconnect_task.done():
+            return
+        self._reconnect_task = asyncio.get_running_loop().create_task(self._later())
+
+    def _tls_refused(self) -> bool:
+        # a refused certificate needs an option set, not retries
+        return bool(self.tls_error) or self._tls_pending
+
+    async def _later(self) -> None:
+        # a failed TLS handshake loses the connection before slixmpp reports
+        # the verification error: give it a moment to tell the two apart
+        await asyncio.sleep(0.2)
+        if self._closing or self._tls_refused():
+            return
         delay = self._backoff
         self._backoff = min(30.0, self._backoff * 2)
         log.warning("xmpp: connection lost; reconnecting in %.0f s", delay)
         RECONNECTS.inc()
-        self._reconnect_task = asyncio.get_running_loop().create_task(self._later(delay))
-
-    async def _later(self, delay: float) -> None:
         await asyncio.sleep(delay)
-        if not self._closing:
+        if not self._closing and not self._tls_refused():
             self._connect()
 
     async def close(self) -> None:
