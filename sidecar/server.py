@@ -143,6 +143,9 @@ class Sidecar:
             # the moderator who asked (a private message), else the whole room
             occ.notify(room.name, NO_AUDIO_NOTICE, to=room.requested_by)
             return
+        if what == "audio":
+            occ.withdraw(room.name, NO_AUDIO_NOTICE)  # not sent yet: no longer true
+            return
         if what == "start" and room.active:
             occ.join(room.name, room.transcript_id, password=room.room_password)
             if "muc" not in room.carriers:
@@ -153,6 +156,7 @@ class Sidecar:
         elif what == "end" or not room.active:
             occ.leave(room.name)
             room.carriers.pop("muc", None)
+            room.warnings.pop("join", None)
 
     def _join_refused(self, name: str, reason: str) -> None:
         room = self.rooms.rooms.get(name)

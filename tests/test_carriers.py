@@ -24,7 +24,7 @@ from sidecar.audio import OpusEncoder, load_audio
 from sidecar.config import load_config
 from sidecar.rooms import Participant
 from sidecar.server import Sidecar
-from tests.conftest import collect, librivox
+from tests.conftest import collect, librivox, play
 from tests.jitsi_clients import JitsiClient, wait_for
 from tests.prosody import DOMAIN, HIDDEN, MUC, Prosody, make_prosody
 from tests.test_mediajson import TOKEN, Bridge, level_of
@@ -113,6 +113,54 @@ async def test_each_caption_arrives_once_across_the_muc_and_the_bridge(tmp_path,
             assert on_bridge == [] and status.caption_carrier == "muc"
         else:
             assert on_muc == [] and status.caption_carrier == "videobridge"
+    finally:
+        alice.disconnect()
+        await sidecar.stop()
+        prosody.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("xmpp", [True, False], ids=["xmpp-on", "xmpp-off"])
+async def test_a_reconnecting_bridge_is_replayed_only_what_took_the_bridge(tmp_path, xmpp):
+    """Finals made while the bridge is away wait for it only when they were
+    the bridge's to carry; those that went through the MUC are not replayed
+    (the bridge would relay them and every endpoint would see them again)."""
+    wav, _ref = librivox()[1]
+    prosody = make_prosody(tmp_path)
+    prosody.start()
+    prosody.register("transcriber", HIDDEN, "tsecret")
+    prosody.register("alice", DOMAIN, "asecret")
+    sidecar = Sidecar(load_config(None, env=sidecar_env(tmp_path, prosody if xmpp else None)))
+    alice = JitsiClient(f"alice@{DOMAIN}", "asecret", ROOM, ALICE, "Alice")
+    try:
+        await sidecar.start()
+        await alice.start(prosody.port)
+        await alice.join()
+        await sidecar.rooms.update_roster(ROOM, [Participant(ALICE, "Alice")])
+        published = await collect(sidecar, ROOM)
+        url = f"http://127.0.0.1:{sidecar.ports.http}/mediajson/m-replay?room={ROOM}"
+        async with aiohttp.ClientSession() as session:
+            bridge = Bridge(session, url)
+            await bridge.connect()
+            want = "muc" if xmpp else "videobridge"
+            await wait_for(lambda: sidecar.rooms.get(ROOM).carrier == want, 15, want)
+            await bridge.drop()
+            # the bridge is away; audio comes from another ingest meanwhile
+            pcm = np.concatenate([load_audio(wav), np.zeros(16000, np.float32)])
+            await play(sidecar.rooms, ROOM, {ALICE: OpusEncoder().encode(pcm)})
+            await wait_for(lambda: any(not c.is_interim for _, c in published), 20, "a final")
+            await asyncio.sleep(0.5)
+            finals = [c.message_id for _, c in published if not c.is_interim]
+            again = Bridge(session, url)
+            await again.connect()
+            await asyncio.sleep(1.5)
+            await again.drop()
+        replayed = [m["message_id"] for _, m in again.replies if not m["is_interim"]]
+        on_muc = [m["message_id"] for _, m in alice.captions() if not m["is_interim"]]
+        if xmpp:
+            assert on_muc == finals and replayed == []
+        else:
+            assert on_muc == [] and replayed == finals
     finally:
         alice.disconnect()
         await sidecar.stop()

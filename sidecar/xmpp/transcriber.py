@@ -467,6 +467,12 @@ class TranscriberOccupant:
         elif len(state.notices) < 8:
             state.notices.append((to, text))
 
+    def withdraw(self, room: str, text: str) -> None:
+        """Drop a notice still waiting for the join."""
+        state = self.rooms.get(room)
+        if state is not None:
+            state.notices = [n for n in state.notices if n[1] != text]
+
     def _notice(self, state: _RoomState, to: str, text: str) -> None:
         if to and to in state.occupants:
             msg = self.client.make_message(mto=f"{state.room}/{to}", mtype="chat", mbody=text)
