@@ -338,8 +338,9 @@ class RoomManager:
 
     def _no_audio_text(self, r: Room, limit: float) -> str:
         if r.ingest_connections > 0:
+            who = "Jigasi" if r.source == "jigasi" else "the videobridge"
             return (
-                f"the videobridge is connected for room {r.name} but sent no audio "
+                f"{who} is connected for room {r.name} but sent no audio "
                 f"{limit:.0f} s after start: is everyone muted? (the bridge exports only "
                 "audio that participants send)"
             )
