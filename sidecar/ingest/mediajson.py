@@ -201,6 +201,10 @@ class MediaJsonEndpoint:
     def _authorised(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")
         presented = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if not header:
+            # Jicofo before jicofo.transcription.http-headers (December 2025)
+            # cannot send a header: the token may ride in the url-template
+            presented = request.query.get("token", "")
         return bool(presented) and hmac.compare_digest(presented.encode(), self._token)
 
     async def _room_for(self, request: web.Request, meeting_id: str) -> tuple[str, bool]:
