@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 PKGS=(make python3 python3-venv python3-dev gcc espeak-ng pocketsphinx-testdata sox
-      prosody lua5.4 lua-busted lua-check ca-certificates
+      prosody lua5.4 lua-busted lua-check ca-certificates openssl
       chromium chromium-driver)  # the transcript page is tested in a real browser
 missing=()
 for p in "${PKGS[@]}"; do
