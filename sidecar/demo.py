@@ -110,7 +110,7 @@ async def run_demo(out_dir: Path, *, realtime: bool = True) -> int:
     )
     metas = sidecar.store.list(room)
     if metas:
-        folder = sidecar.store.root / metas[0].id
+        folder = sidecar.outputs.local.root / metas[0].id
         print("Transcript saved:")
         for f in sorted(folder.iterdir()):
             print(f"  {f}")

@@ -28,11 +28,12 @@ from sidecar.counters import flush_all
 from sidecar.ingest.mediajson import MediaJsonEndpoint
 from sidecar.ingest.rtp import RtpIngest
 from sidecar.ingest.skynet import SkynetEndpoint
+from sidecar.outputs.hub import Outputs
 from sidecar.pipeline.speaker import GateConfig
 from sidecar.pipeline.vad import SileroVad
 from sidecar.proto.captions.v1 import captions_pb2, captions_pb2_grpc
+from sidecar.room_events import EventBus
 from sidecar.rooms import Carrier, Room, RoomManager
-from sidecar.store.local import LocalDirStore
 from sidecar.xmpp.tls import TlsPolicy, normalise_fingerprint
 from sidecar.xmpp.transcriber import TranscriberOccupant, TranscriberOptions
 
@@ -62,7 +63,10 @@ class Sidecar:
     def __init__(self, config: SidecarConfig) -> None:
         self.config = config
         token = config.server.require_token()
-        self.store = LocalDirStore(config.store.store_dir)
+        # the room events every output subscribes to, and the outputs themselves
+        self.events = EventBus()
+        self.outputs = Outputs(config, token=token, bus=self.events)
+        self.store = self.outputs.store
         w = config.whisper
         self.scheduler = Scheduler(w.workers)
         self.whisper = whisper_from_config(w, self.scheduler)
@@ -181,6 +185,7 @@ class Sidecar:
         ).add_routes(app)
         self.mediajson.add_routes(app, self.config.ingest.mediajson_path)
         self.skynet.add_routes(app, self.config.ingest.skynet_path)
+        self.outputs.routes.add_routes(app)
         return app
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -205,6 +210,8 @@ class Sidecar:
             log.warning(
                 "recovered transcript %s left open by a crash (%d entries)", meta.id, meta.entries
             )
+        # after recovery, so that the archiver's first round uploads what it finished
+        await self.outputs.start()
         self.scheduler.start()
         self.rooms.start_background()
         if self.occupant is not None:
@@ -268,6 +275,8 @@ class Sidecar:
             self.rtp.close()
         if self.occupant is not None:
             await self.occupant.close()
+        # the rooms' last events are out: deliver what can be, keep the rest on disk
+        await self.outputs.close()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace)
         if self.runner is not None:

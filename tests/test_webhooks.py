@@ -358,3 +358,42 @@ def test_webhook_configuration_errors_name_the_entry(tmp_path: Path) -> None:
         cfg.write_text("[[webhooks]]\n" + bad + "\n")
         with pytest.raises(ConfigError, match=__import__("re").escape(needle)):
             load_config(cfg, env={})
+
+
+async def test_the_documented_receiver_verifies_real_deliveries(tmp_path: Path) -> None:
+    """docs/examples/webhook_receiver.py, run as the docs say, accepts what the sender signs."""
+    port = free_port()
+    proc = subprocess.Popen(  # noqa: ASYNC220 (a child we terminate)
+        [sys.executable, str(REPO / "docs/examples/webhook_receiver.py"), str(port)],
+        env=dict(os.environ, WEBHOOK_SECRET=SECRET),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        bus = EventBus()
+        url = f"http://127.0.0.1:{port}/"
+        good = endpoint(url, {"room.ended"}, name="docs")
+        bad = WebhookEndpoint(
+            "docs-bad",
+            url,
+            "a-different-secret-0000",
+            frozenset({"room.ended"}),
+            backoff_initial_s=5.0,
+        )
+        sender = WebhookSender([good, bad], tmp_path / "outbox")
+        sender.attach(bus)
+        await sender.start()
+        e = RoomEnded(room=ROOM)
+        bus.publish(e)
+        assert proc.stdout is not None
+        lines = []
+        while len(lines) < 2:
+            lines.append(await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30))
+        assert sorted(lines) == sorted(
+            [f"verified room.ended {e.id} room={ROOM}\n", "refused: bad signature\n"]
+        )
+        assert sender.pending("docs-bad") == 1  # a refused delivery stays to be retried
+        await sender.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -46,6 +46,7 @@ from sidecar.room_events import (
     RoomEnded,
     RoomEvent,
     SessionStopped,
+    Subscription,
     TranscriptReady,
 )
 from sidecar.store.base import (
@@ -122,8 +123,8 @@ class TranscriptRoutes:
         self.token = token
         self.signer = signer
         self.bus = bus
-        self._streams: set[web.StreamResponse] = set()
-        self._closing = asyncio.Event()
+        self._subs: set[Subscription] = set()
+        self._closing = False
 
     def add_routes(self, app: web.Application) -> None:
         r = app.router
@@ -139,7 +140,9 @@ class TranscriptRoutes:
 
     async def close(self) -> None:
         """End live streams (at shutdown)."""
-        self._closing.set()
+        self._closing = True
+        for sub in list(self._subs):
+            sub.close()
 
     # -- access -------------------------------------------------------------------------
     def _operator(self, request: web.Request) -> bool:
@@ -289,14 +292,14 @@ class TranscriptRoutes:
         await resp.prepare(request)
         REQUESTS.labels("events", "ok").inc()
         sub = None
-        if self.bus is not None and not meta.ended_at:
+        if self.bus is not None and not meta.ended_at and not self._closing:
             sub = self.bus.subscribe(
                 "transcript_page",
                 maxsize=512,
                 accept=lambda e: _concerns(e, meta),
                 include_interims=True,
             )
-        self._streams.add(resp)
+            self._subs.add(sub)
         try:
             # what the store holds first: the page may have loaded before these were written
             for entry in await self._entries(meta.id):
@@ -304,7 +307,7 @@ class TranscriptRoutes:
             if sub is None:
                 await _send(resp, "ended", {"transcript_id": meta.id})
                 return resp
-            while not self._closing.is_set():
+            while True:
                 try:
                     event = await asyncio.wait_for(sub.get(), HEARTBEAT_S)
                 except TimeoutError:
@@ -322,8 +325,8 @@ class TranscriptRoutes:
         except Exception:
             log.exception("transcript %s: live stream failed", meta.id)
         finally:
-            self._streams.discard(resp)
             if sub is not None:
+                self._subs.discard(sub)
                 sub.close()
         return resp
 
