@@ -554,6 +554,9 @@ def test_example_file_lists_every_key() -> None:
         "limits": config.LimitsConfig,
         "logging": config.LoggingConfig,
         "defaults": EffectiveSettings,
+        "s3": config.S3Config,
+        "retention": config.RetentionConfig,
+        "links": config.LinksConfig,
     }
     for section, cls in sections.items():
         assert f"[{section}]" in text
