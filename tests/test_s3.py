@@ -265,3 +265,62 @@ def test_retention_sweeps_the_bucket_and_the_local_directory(
     assert [m.id for m in local.list()] == [kept]
     assert [m.id for m in remote.list()] == [kept]
     assert not any(k.startswith(f"transcripts/{old}/") for k in objects(s3, bucket))
+
+
+async def test_outputs_from_config_upload_and_announce_a_ready_transcript(
+    tmp_path: Path, s3: S3Server, bucket: str
+) -> None:
+    """The composition from config: a ready transcript is uploaded, and its webhook has the link."""
+    from sidecar.config import load_config
+    from sidecar.outputs.hub import Outputs
+    from sidecar.outputs.webhooks import verify_signature
+    from sidecar.room_events import TranscriptReady
+    from tests.webhook_receiver import Receiver
+
+    rx = await Receiver().start()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        textwrap.dedent(
+            f"""
+            [store]
+            store_dir = "{tmp_path / "store"}"
+            storage = "s3"
+            [s3]
+            bucket = "{bucket}"
+            endpoint_url = "{s3.url}"
+            access_key_id = "{s3.put_only.access_key_id}"
+            secret_access_key = "{s3.put_only.secret_access_key}"
+            addressing_style = "path"
+            upload_retry_s = 1
+            [links]
+            key = "{"k" * 40}"
+            public_url = "https://meet.example.org/captions"
+            [[webhooks]]
+            name = "crm"
+            url = "{rx.url}"
+            secret = "0123456789abcdef"
+            events = ["transcription.ready"]
+            """
+        )
+    )
+    outputs = Outputs(load_config(cfg, env={}), token="t" * 20)
+    await outputs.start()
+    tid = finished_session(outputs.local)
+    meta = outputs.store.info(tid)
+    outputs.bus.publish(TranscriptReady(room=ROOM, meta=meta, url=outputs.link(tid)))
+    assert outputs.archiver is not None and outputs.webhooks is not None
+    async with asyncio.timeout(20):
+        while outputs.archiver.pending():
+            outputs.archiver.progress.clear()
+            await outputs.archiver.progress.wait()
+        await outputs.webhooks.drained()
+    await outputs.close()
+    await rx.stop()
+    assert archive(s3, bucket).info(tid).entries == 3
+    (got,) = rx.requests
+    assert verify_signature("0123456789abcdef", got.headers["Captions-Signature"], got.body)
+    url = got.json["data"]["url"]
+    assert url.startswith(f"https://meet.example.org/captions/t/{tid}?exp=")
+    assert outputs.signer is not None
+    q = dict(p.split("=", 1) for p in url.split("?", 1)[1].split("&"))
+    assert outputs.signer.check(tid, q["exp"], q["sig"]).value == "ok"

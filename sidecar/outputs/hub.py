@@ -86,7 +86,11 @@ class Outputs:
             try:
                 await asyncio.to_thread(self.archive.check)
             except StoreError as e:
-                log.error("%s; transcripts stay in %s until it works", e, self.local.root)
+                if getattr(e, "code", "") in ("AccessDenied", "403"):
+                    # put-only credentials cannot look at the bucket; uploads will tell
+                    log.info("%s (fine for upload-only credentials)", e)
+                else:
+                    log.error("%s; transcripts stay in %s until it works", e, self.local.root)
         if self.archiver is not None:
             self.archiver.start()
         if self.webhooks is not None:
