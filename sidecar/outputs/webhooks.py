@@ -295,6 +295,19 @@ class WebhookSender:
 
     # -- delivery -----------------------------------------------------------------------
     async def _worker(self, st: _EndpointState) -> None:
+        while not self._closing:
+            try:
+                await self._deliver(st)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # the outbox could not be written (disk full...): what is queued stays
+                # queued, in memory and on disk, and is tried again
+                log.exception("webhook endpoint %r: delivery failed; retrying", st.ep.name)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._close_ev.wait(), st.ep.backoff_max_s)
+
+    async def _deliver(self, st: _EndpointState) -> None:
         name = st.ep.name
         while not self._closing:
             if not st.queue:
