@@ -59,6 +59,17 @@ from sidecar.events import Caption, Frame, TranscriptEntry
 from sidecar.pipeline.segmenter import SegmenterConfig
 from sidecar.pipeline.speaker import FRAMES_DROPPED, GateConfig, SpeakerPipeline
 from sidecar.pipeline.vad import SileroVad
+from sidecar.room_events import (
+    CaptionPublished,
+    EventBus,
+    RoomEnded,
+    RoomEvent,
+    SessionFailed,
+    SessionStarted,
+    SessionStopped,
+    TranscriptReady,
+)
+from sidecar.room_session import IngestSession
 from sidecar.store.base import TranscriptStore, TranscriptWriter
 
 log = logging.getLogger(__name__)
@@ -190,6 +201,7 @@ class Room:
     captions_sent: int = 0
     live: bool = True  # false for files decoded faster than real time
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    write_failed: bool = False  # a final could not be written to this transcript
     first_interim_seen: set[str] = field(default_factory=set)
     pending: set[asyncio.Task[None]] = field(default_factory=set)
     meeting_id: str = ""
@@ -254,8 +266,17 @@ class RoomManager:
         gate: GateConfig | None = None,
         ingest_idle_end_s: float = 600.0,
         no_audio_warning_s: float = 10.0,
+        events: EventBus | None = None,
+        transcript_link: Callable[[str], str] | None = None,
     ) -> None:
         self.defaults = defaults
+        # every change of a room is published here as a typed event; the
+        # outputs (MUC occupant, gRPC subscriptions, webhooks, archiver, the
+        # transcript page) are its subscribers
+        self.events = events if events is not None else EventBus()
+        self.events.add_listener("grpc_subscriptions", self._to_subscribers)
+        # the signed link of a transcript, for TranscriptReady; None: no links
+        self.transcript_link = transcript_link
         self.store = store
         self.recognizers = recognizers
         self.vad = vad
@@ -317,7 +338,7 @@ class RoomManager:
             last = max((sp.last_arrival for sp in r.speakers.values()), default=r.last_audio)
             if now - max(last, r.last_audio) > self.ingest_idle_end_s:
                 log.info("room %s: no audio source for %.0f s; ending it", r.name, now - last)
-                task = asyncio.create_task(self._end_quietly(r.name))
+                task = asyncio.create_task(self._end_quietly(r.name, reason="idle"))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
 
@@ -359,9 +380,9 @@ class RoomManager:
             log.info("room %s: audio arrives now; the no-audio warning is cleared", r.name)
             self._notify(r, "audio")
 
-    async def _end_quietly(self, name: str) -> None:
+    async def _end_quietly(self, name: str, reason: str = "room_ended") -> None:
         with contextlib.suppress(NotFound):
-            await self.end_room(name)
+            await self.end_room(name, reason=reason)
 
     async def close(self) -> None:
         if self._ticker is not None:
@@ -372,7 +393,8 @@ class RoomManager:
         # all rooms at once, so they share the time a shutdown has, and one
         # failure does not leave the others open
         results = await asyncio.gather(
-            *(self.end_room(name) for name in list(self.rooms)), return_exceptions=True
+            *(self.end_room(name, reason="shutdown") for name in list(self.rooms)),
+            return_exceptions=True,
         )
         for res in results:
             if isinstance(res, BaseException) and not isinstance(res, NotFound):
@@ -417,6 +439,13 @@ class RoomManager:
                 cb(room, what)
             except Exception:
                 log.exception("room change listener failed")
+
+    def _emit(self, event: RoomEvent) -> None:
+        self.events.publish(event)
+
+    def open_session(self, room: str, source: str) -> IngestSession:
+        """An ingest connection's handle on ``room`` (which must exist); close it when done."""
+        return IngestSession(self, self.get(room), source)
 
     async def start(
         self,
@@ -486,15 +515,28 @@ class RoomManager:
             r.last_audio = r.active_since = time.monotonic()
             r.audio_seen = False
             r.warnings.pop("no_audio", None)
+        switched_on = False
         if kind == "transcription" and not r.transcribing:
             r.writer = await asyncio.to_thread(self.store.open, r.name, language=eff.language)
-            r.transcribing = True
+            r.transcribing = switched_on = True
+            r.write_failed = False
             log.info("room %s: transcription on (%s) -> %s", r.name, requested_by, r.writer.id)
         elif kind == "captions" and not r.captioning:
-            r.captioning = True
+            r.captioning = switched_on = True
             log.info("room %s: captions on (%s)", r.name, requested_by)
         ROOMS_ACTIVE.set(sum(1 for x in self.rooms.values() if x.active))
         self._notify(r, "start")
+        if switched_on:
+            self._emit(
+                SessionStarted(
+                    room=r.name,
+                    kind=kind,
+                    transcript_id=r.transcript_id,
+                    trigger=r.trigger.value,
+                    requested_by=requested_by,
+                    meeting_id=r.meeting_id,
+                )
+            )
         return r
 
     async def stop(
@@ -504,9 +546,9 @@ class RoomManager:
         videobridge closed the session), whatever the trigger."""
         r = self.get(room)
         async with r.lock:
-            return await self._stop_locked(r, kind, force)
+            return await self._stop_locked(r, kind, force, reason)
 
-    async def _stop_locked(self, r: Room, kind: str, force: bool) -> Room:
+    async def _stop_locked(self, r: Room, kind: str, force: bool, reason: str = "user") -> Room:
         on = r.transcribing if kind == "transcription" else r.captioning
         if not on:
             return r
@@ -518,25 +560,48 @@ class RoomManager:
                 f"{kind} in room {r.name} was started automatically ({r.trigger.value}) "
                 "and stays on until the room ends"
             )
-        await self._switch_off(r, kind)
+        await self._switch_off(r, kind, reason)
         return r
 
-    async def _switch_off(self, r: Room, kind: str) -> None:
+    async def _switch_off(self, r: Room, kind: str, reason: str = "user") -> None:
         if not (r.transcribing and r.captioning):
             # the last consumer goes: finish open utterances first
             await self._finish_speakers(r)
+        transcript_id = ""
+        ready: TranscriptReady | None = None
         if kind == "transcription":
             r.transcribing = False
             writer, r.writer = r.writer, None
             if writer is not None:
+                transcript_id = writer.id
                 async with r.write_lock:
-                    meta = await asyncio.to_thread(writer.close)
+                    try:
+                        meta = await asyncio.to_thread(writer.close)
+                    except Exception as e:
+                        self._emit(
+                            SessionFailed(
+                                room=r.name,
+                                kind="transcription",
+                                cause="store_close",
+                                message=str(e)[:500],
+                                transcript_id=writer.id,
+                            )
+                        )
+                        raise
                 log.info("room %s: transcript %s saved (%d entries)", r.name, meta.id, meta.entries)
+                link = self.transcript_link(meta.id) if self.transcript_link else ""
+                ready = TranscriptReady(room=r.name, meta=meta, url=link)
         else:
             r.captioning = False
         if not r.active:
             r.warnings.pop("no_audio", None)
         ROOMS_ACTIVE.set(sum(1 for x in self.rooms.values() if x.active))
+        # the ready link first: the MUC occupant posts it before it leaves
+        if ready is not None:
+            self._emit(ready)
+        self._emit(
+            SessionStopped(room=r.name, kind=kind, reason=reason, transcript_id=transcript_id)
+        )
         self._notify(r, "stop")
 
     async def _finish_speakers(self, r: Room) -> None:
@@ -570,13 +635,13 @@ class RoomManager:
         finally:
             r.stopping = False
 
-    async def end_room(self, room: str) -> Room:
+    async def end_room(self, room: str, *, reason: str = "room_ended") -> Room:
         r = self.get(room)
         async with r.lock:
             for kind in ("captions", "transcription"):
                 on = r.transcribing if kind == "transcription" else r.captioning
                 if on:
-                    await self._switch_off(r, kind)
+                    await self._switch_off(r, kind, reason)
         for sub in r.subscribers:
             sub.close()
         r.subscribers.clear()
@@ -587,6 +652,7 @@ class RoomManager:
         if r.meeting_id and self.meetings.get(r.meeting_id) == r.name:
             del self.meetings[r.meeting_id]
         self._notify(r, "end")
+        self._emit(RoomEnded(room=r.name))
         return r
 
     async def update_settings(self, room: str, settings: RoomSettings) -> Room:
@@ -797,9 +863,20 @@ class RoomManager:
             async with r.write_lock:
                 try:
                     await asyncio.to_thread(writer.append, entry)
-                except Exception:
+                except Exception as e:
                     TRANSCRIPT_ERRORS.inc()
                     log.exception("room %s: transcript write failed", r.name)
+                    if not r.write_failed:
+                        r.write_failed = True  # said once per transcript
+                        self._emit(
+                            SessionFailed(
+                                room=r.name,
+                                kind="transcription",
+                                cause="store_write",
+                                message=str(e)[:500],
+                                transcript_id=writer.id,
+                            )
+                        )
         if r.live:
             FINAL_LATENCY.observe(max(0.0, (time.time() * 1000 - cap.end_time_ms) / 1000))
         self._publish(r, cap)
@@ -807,8 +884,8 @@ class RoomManager:
     def _publish(self, r: Room, cap: Caption) -> None:
         r.captions_sent += 1
         CAPTIONS_OUT.labels("interim" if cap.is_interim else "final").inc()
-        for sub in list(r.subscribers):
-            sub.offer(cap)
+        # the gRPC subscriptions, webhooks and transcript pages take it from here
+        self._emit(CaptionPublished(room=r.name, caption=cap, transcript_id=r.transcript_id))
         if not r.captioning:
             return
         for sink in list(r.sinks):
@@ -831,6 +908,14 @@ class RoomManager:
             CARRIED.labels(carrier.name).inc()
         except Exception:
             log.exception("room %s: caption carrier %s failed", r.name, carrier.name)
+
+    def _to_subscribers(self, event: RoomEvent) -> None:
+        """The gRPC subscriptions of a room are fed from its caption events."""
+        if isinstance(event, CaptionPublished):
+            r = self.rooms.get(event.room)
+            if r is not None:
+                for sub in list(r.subscribers):
+                    sub.offer(event.caption)
 
     def subscribe(self, room: str, include_interims: bool) -> Subscriber:
         r = self._room(room)

@@ -32,7 +32,14 @@ from sidecar.outputs.hub import Outputs
 from sidecar.pipeline.speaker import GateConfig
 from sidecar.pipeline.vad import SileroVad
 from sidecar.proto.captions.v1 import captions_pb2, captions_pb2_grpc
-from sidecar.room_events import EventBus
+from sidecar.room_events import (
+    EventBus,
+    RoomEnded,
+    RoomEvent,
+    SessionStarted,
+    SessionStopped,
+    TranscriptReady,
+)
 from sidecar.rooms import Carrier, Room, RoomManager
 from sidecar.xmpp.tls import TlsPolicy, normalise_fingerprint
 from sidecar.xmpp.transcriber import TranscriberOccupant, TranscriberOptions
@@ -83,6 +90,8 @@ class Sidecar:
             max_subscribers_per_room=lim.max_subscribers_per_room,
             gate=GateConfig(max_frame_bytes=lim.max_frame_bytes),
             no_audio_warning_s=config.ingest.no_audio_warning_s,
+            events=self.events,
+            transcript_link=self.outputs.link if self.outputs.signer is not None else None,
         )
         self.service = CaptionsService(self.rooms, self.store, token)
         ing = config.ingest
@@ -127,6 +136,7 @@ class Sidecar:
                 )
             )
             self.rooms.on_change.append(self._room_changed)
+            self.events.add_listener("muc", self._room_event)
             self.occupant.on_refused.append(self._join_refused)
             self.occupant.on_joined.append(self._joined)
         self.health = health.aio.HealthServicer()
@@ -137,30 +147,45 @@ class Sidecar:
         self.ready = False
 
     def _room_changed(self, room: Room, what: str) -> None:
-        """The transcriber occupant is in every room with captions or a transcript on."""
+        """The no-audio notice goes to the room (or the moderator who asked)."""
         occ = self.occupant
-        if occ is None:
+        if occ is None or "@" not in room.name:
             return
-        if "@" not in room.name:
-            return  # not a MUC room (a Jigasi connection id): nothing to join
         if what == "no_audio":
             # the moderator who asked (a private message), else the whole room
             occ.notify(room.name, NO_AUDIO_NOTICE, to=room.requested_by)
-            return
-        if what == "audio":
+        elif what == "audio":
             occ.withdraw(room.name, NO_AUDIO_NOTICE)  # not sent yet: no longer true
-            return
-        if what == "start" and room.active:
+
+    def _room_event(self, event: RoomEvent) -> None:
+        """The transcriber occupant, a subscriber of the room events: it is in
+        every room with captions or a transcript on, and posts the transcript's
+        link when transcription starts and when the transcript is ready."""
+        occ = self.occupant
+        if occ is None or "@" not in event.room:
+            return  # not a MUC room (a Jigasi connection id): nothing to join
+        room = self.rooms.rooms.get(event.room)
+        if isinstance(event, SessionStarted) and room is not None and room.active:
             occ.join(room.name, room.transcript_id, password=room.room_password)
             if "muc" not in room.carriers:
                 name = room.name
                 room.carriers["muc"] = Carrier(
                     "muc", ready=lambda: occ.joined(name), send=occ.send_caption
                 )
-        elif what == "end" or not room.active:
-            occ.leave(room.name)
-            room.carriers.pop("muc", None)
-            room.warnings.pop("join", None)
+            link = self.outputs.link(event.transcript_id)
+            if event.kind == "transcription" and link and self.config.links.post_in_chat:
+                occ.notify(room.name, f"This meeting is being transcribed. The transcript: {link}")
+        elif isinstance(event, TranscriptReady):
+            link = event.url or self.outputs.link(event.meta.id)
+            if link and self.config.links.post_in_chat:
+                occ.notify(event.room, f"The transcript of this meeting is ready: {link}")
+        elif isinstance(event, RoomEnded) or (
+            isinstance(event, SessionStopped) and (room is None or not room.active)
+        ):
+            occ.leave(event.room)
+            if room is not None:
+                room.carriers.pop("muc", None)
+                room.warnings.pop("join", None)
 
     def _join_refused(self, name: str, reason: str) -> None:
         room = self.rooms.rooms.get(name)
