@@ -397,3 +397,66 @@ async def test_the_documented_receiver_verifies_real_deliveries(tmp_path: Path) 
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_the_sidecar_sigkilled_with_events_in_the_outbox_sends_them_after_restart(
+    tmp_path: Path,
+) -> None:
+    """The whole sidecar, not just the sender: its room events survive a SIGKILL."""
+    from sidecar.server import Sidecar
+
+    port = free_port()
+    cfg = tmp_path / "sidecar.toml"
+    cfg.write_text(
+        f"""
+[server]
+token = "crash-token-0123456789"
+grpc_listen = "127.0.0.1:0"
+http_listen = "127.0.0.1:0"
+[store]
+store_dir = "{tmp_path / "store"}"
+[[webhooks]]
+name = "crm"
+url = "http://127.0.0.1:{port}/hook"
+secret = "{SECRET}"
+backoff_initial_s = 0.05
+backoff_max_s = 0.2
+"""
+    )
+    proc = subprocess.Popen(  # noqa: ASYNC220 (a child we SIGKILL)
+        [sys.executable, "-m", "tests.webhook_sidecar_child", str(cfg)],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 120)
+        assert line.startswith("QUEUED "), line
+        ids = line.split()[1:]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    assert len(ids) == 6  # two starts, ready, two stops, ended
+
+    rx = await Receiver(port=port).start()
+    sidecar = Sidecar(load_config(cfg, env={}))
+    await sidecar.start(preload=False)
+    assert sidecar.outputs.webhooks is not None
+    async with asyncio.timeout(30):
+        await sidecar.outputs.webhooks.drained()
+    await sidecar.stop()
+    await rx.stop()
+    assert [r.event_id for r in rx.accepted] == ids
+    types = [r.json["type"] for r in rx.accepted]
+    assert types == [
+        "transcription.started",
+        "captions.started",
+        "captions.stopped",
+        "transcription.ready",
+        "transcription.stopped",
+        "room.ended",
+    ]
+    for r in rx.accepted:
+        assert verify_signature(SECRET, r.headers[SIGNATURE_HEADER], r.body)
