@@ -252,3 +252,83 @@ def test_expired_or_tampered_links_are_refused_with_a_page(site: SiteThread, bro
     d.get(good[:-3] + ("abc" if not good.endswith("abc") else "xyz"))
     assert d.find_element(By.TAG_NAME, "h1").text == "This link is not valid"
     assert "Alice" not in d.page_source
+
+
+@pytest.mark.slow
+def test_a_live_meeting_from_the_simulator_grows_on_the_page(tmp_path: Path, browser: Any) -> None:
+    """The real sidecar (Whisper) captioning the simulator's meeting, followed by the page."""
+    from sidecar.config import load_config
+    from sidecar.server import Sidecar
+    from sidecar.sim.conference import SimConfig, SimParticipant, run_conference
+
+    script = [
+        ("Alice Liddell", "The quarterly budget review is on Monday morning."),
+        ("Bob", "I will bring the sales report from last week."),
+        ("Alice Liddell", "Thank you both, we will meet in the large room."),
+        ("Bob", "Should we invite the marketing team as well?"),
+    ]
+    room = "budget-review@conference.example.org"
+    token = "sim-secret-for-the-page"
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def run(coro: Any, timeout: float = 120) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+    env = {
+        "CAPTIONS_SERVER_TOKEN": token,
+        "CAPTIONS_SERVER_GRPC_LISTEN": "127.0.0.1:0",
+        "CAPTIONS_SERVER_HTTP_LISTEN": "127.0.0.1:0",
+        "CAPTIONS_STORE_STORE_DIR": str(tmp_path / "store"),
+        "CAPTIONS_LINKS_KEY": "p" * 40,
+    }
+
+    async def make() -> Sidecar:
+        s = Sidecar(load_config(None, env=env))
+        await s.start()
+        return s
+
+    sidecar: Sidecar = run(make(), 300)
+    try:
+        cfg = SimConfig(
+            participants=[
+                SimParticipant("Alice Liddell", endpoint="a1b2c3d4"),
+                SimParticipant("Bob"),
+            ],
+            url=f"ws://127.0.0.1:{sidecar.ports.http}/mediajson/meeting-page",
+            room=room,
+            token=token,
+            grpc=f"127.0.0.1:{sidecar.ports.grpc}",
+            script=script,
+        )
+        sim = asyncio.run_coroutine_threadsafe(run_conference(cfg), loop)
+
+        async def transcript_id() -> str:
+            while True:
+                r = sidecar.rooms.rooms.get(room)
+                if r is not None and r.transcript_id:
+                    return r.transcript_id
+                await asyncio.sleep(0.05)
+
+        tid = run(transcript_id(), 60)
+        base = f"http://127.0.0.1:{sidecar.ports.http}"
+        assert sidecar.outputs.signer is not None
+        browser.get(base + sidecar.outputs.signer.url(tid))
+        wait(browser, lambda d: d.find_element(By.ID, "status").text.startswith("Live"), 30, "live")
+        wait(browser, lambda d: len(rows(d)) >= 1, 60, "the first final")
+        first = len(rows(browser))
+        wait(browser, lambda d: len(rows(d)) >= first + 1, 60, "the meeting growing")
+        shot(browser, "transcript-live-simulator.png")
+        report = sim.result(180)
+        assert report.missed == 0
+        wait(browser, lambda d: d.find_element(By.ID, "status").text == "Complete", 60, "the end")
+        finals = [li for li in rows(browser) if "interim" not in (li.get_attribute("class") or "")]
+        assert len(finals) == len(script)
+        names = [li.find_element(By.CSS_SELECTOR, ".who").text for li in finals]
+        assert names == [n for n, _ in script]
+        assert "budget" in finals[0].find_element(By.CSS_SELECTOR, ".text").text.lower()
+    finally:
+        run(sidecar.stop(), 120)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
