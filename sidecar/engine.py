@@ -1,7 +1,13 @@
-"""An in-process engine (store, scheduler, Whisper, VAD, rooms) without listeners.
+"""The composition root: store, recognisers, scheduler, VAD, rooms and outputs, built once.
 
-Used by ``transcribe``, the demo, the tests and the benchmarks; the server
-builds the same parts around its listeners.
+:meth:`Engine.from_config` builds everything a sidecar runs from its
+configuration: the room event bus, the outputs (transcript store, local or
+in front of a bucket, the archiver, webhooks, signed links, transcript
+routes, retention), the recognition scheduler and the Whisper recogniser,
+the VAD, and the room manager wired to all of them. The server
+(:class:`sidecar.server.Sidecar`) adds the listeners and the ingest adapters
+around it; ``transcribe``, the demo, the tests and the benchmarks use
+``Engine(store_dir)``, the same parts without outputs.
 """
 
 from __future__ import annotations
@@ -9,34 +15,78 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from sidecar.asr.base import Recognizer
 from sidecar.asr.scheduler import Scheduler
 from sidecar.asr.whisper import from_config as whisper_from_config
-from sidecar.config import EffectiveSettings, WhisperConfig
+from sidecar.config import EffectiveSettings, SidecarConfig, WhisperConfig
+from sidecar.outputs.hub import Outputs
+from sidecar.pipeline.speaker import GateConfig
 from sidecar.pipeline.vad import SileroVad
+from sidecar.room_events import EventBus
 from sidecar.rooms import RoomManager
+from sidecar.store.base import TranscriptStore
 from sidecar.store.local import LocalDirStore
 
 
 class Engine:
     def __init__(
         self,
-        store_dir: Path,
+        store_dir: Path | None = None,
         *,
         defaults: EffectiveSettings | None = None,
         whisper: WhisperConfig | None = None,
         model: str | None = None,
+        config: SidecarConfig | None = None,
+        token: str = "",
     ) -> None:
-        w = whisper or WhisperConfig()
-        self.store = LocalDirStore(store_dir)
+        """``Engine(store_dir)``: rooms on a local store, no outputs.
+        ``Engine(config=..., token=...)``: everything the configuration asks for."""
+        self.config = config
+        w = config.whisper if config is not None else (whisper or WhisperConfig())
+        self.events = EventBus()
+        self.outputs: Outputs | None = None
+        self.store: TranscriptStore
+        if config is not None:
+            self.outputs = Outputs(config, token=token, bus=self.events)
+            self.store = self.outputs.store
+        else:
+            if store_dir is None:
+                raise ValueError("Engine needs store_dir or config")
+            self.store = LocalDirStore(store_dir)
         self.scheduler = Scheduler(w.workers)
         self.whisper = whisper_from_config(w, self.scheduler, model=model)
+        self.recognizers: dict[str, Recognizer] = {"whisper": self.whisper}
         self.vad = SileroVad()
-        self.rooms = RoomManager(
-            defaults=defaults or EffectiveSettings(),
-            store=self.store,
-            recognizers={"whisper": self.whisper},
-            vad=self.vad,
-        )
+        if config is not None:
+            lim = config.limits
+            outputs = self.outputs
+            assert outputs is not None
+            self.rooms = RoomManager(
+                defaults=config.defaults,
+                store=self.store,
+                recognizers=self.recognizers,
+                vad=self.vad,
+                max_rooms=lim.max_rooms,
+                max_speakers_per_room=lim.max_speakers_per_room,
+                max_subscribers_per_room=lim.max_subscribers_per_room,
+                gate=GateConfig(max_frame_bytes=lim.max_frame_bytes),
+                no_audio_warning_s=config.ingest.no_audio_warning_s,
+                events=self.events,
+                transcript_link=outputs.link if outputs.signer is not None else None,
+            )
+        else:
+            self.rooms = RoomManager(
+                defaults=defaults or EffectiveSettings(),
+                store=self.store,
+                recognizers=self.recognizers,
+                vad=self.vad,
+                events=self.events,
+            )
+
+    @classmethod
+    def from_config(cls, config: SidecarConfig, *, token: str) -> Engine:
+        """Everything the deployment configuration asks for."""
+        return cls(config=config, token=token)
 
     async def start(self, preload: bool = True) -> None:
         self.scheduler.start()

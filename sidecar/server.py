@@ -20,27 +20,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.api.grpcweb import GrpcWebGateway
 from sidecar.api.servicer import CaptionsService
-from sidecar.asr.base import Recognizer
-from sidecar.asr.scheduler import Scheduler
-from sidecar.asr.whisper import from_config as whisper_from_config
 from sidecar.config import SidecarConfig
 from sidecar.counters import flush_all
+from sidecar.engine import Engine
 from sidecar.ingest.mediajson import MediaJsonEndpoint
 from sidecar.ingest.rtp import RtpIngest
 from sidecar.ingest.skynet import SkynetEndpoint
-from sidecar.outputs.hub import Outputs
-from sidecar.pipeline.speaker import GateConfig
-from sidecar.pipeline.vad import SileroVad
 from sidecar.proto.captions.v1 import captions_pb2, captions_pb2_grpc
 from sidecar.room_events import (
-    EventBus,
     RoomEnded,
     RoomEvent,
     SessionStarted,
     SessionStopped,
     TranscriptReady,
 )
-from sidecar.rooms import Carrier, Room, RoomManager
+from sidecar.rooms import Carrier, Room
 from sidecar.xmpp.tls import TlsPolicy, normalise_fingerprint
 from sidecar.xmpp.transcriber import TranscriberOccupant, TranscriberOptions
 
@@ -70,29 +64,18 @@ class Sidecar:
     def __init__(self, config: SidecarConfig) -> None:
         self.config = config
         token = config.server.require_token()
-        # the room events every output subscribes to, and the outputs themselves
-        self.events = EventBus()
-        self.outputs = Outputs(config, token=token, bus=self.events)
-        self.store = self.outputs.store
-        w = config.whisper
-        self.scheduler = Scheduler(w.workers)
-        self.whisper = whisper_from_config(w, self.scheduler)
-        self.recognizers: dict[str, Recognizer] = {"whisper": self.whisper}
-        self.vad = SileroVad()
+        # the composition root: store, outputs, recognisers, scheduler, rooms
+        self.engine = Engine.from_config(config, token=token)
+        self.events = self.engine.events
+        assert self.engine.outputs is not None
+        self.outputs = self.engine.outputs
+        self.store = self.engine.store
+        self.scheduler = self.engine.scheduler
+        self.whisper = self.engine.whisper
+        self.recognizers = self.engine.recognizers
+        self.vad = self.engine.vad
+        self.rooms = self.engine.rooms
         lim = config.limits
-        self.rooms = RoomManager(
-            defaults=config.defaults,
-            store=self.store,
-            recognizers=self.recognizers,
-            vad=self.vad,
-            max_rooms=lim.max_rooms,
-            max_speakers_per_room=lim.max_speakers_per_room,
-            max_subscribers_per_room=lim.max_subscribers_per_room,
-            gate=GateConfig(max_frame_bytes=lim.max_frame_bytes),
-            no_audio_warning_s=config.ingest.no_audio_warning_s,
-            events=self.events,
-            transcript_link=self.outputs.link if self.outputs.signer is not None else None,
-        )
         self.service = CaptionsService(self.rooms, self.store, token)
         ing = config.ingest
         self.mediajson = MediaJsonEndpoint(
