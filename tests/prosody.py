@@ -41,6 +41,10 @@ class Prosody:
     extra_hosts: list[str] = field(default_factory=list)
     global_options: str = ""
     global_modules: list[str] = field(default_factory=list)
+    # lines inside the main VirtualHost (DOMAIN) section, e.g. its own
+    # modules_enabled; more Component sections, appended after the MUC
+    main_host_options: str = ""
+    components: str = ""
 
     def write_config(self) -> None:
         plugins = ", ".join(f'"{p}"' for p in self.plugin_paths)
@@ -68,12 +72,14 @@ modules_disabled = {{ "s2s"; "tls" }}
 plugin_paths = {{ {plugins} }}
 {self.global_options}
 VirtualHost "{DOMAIN}"
+{self.main_host_options}
 VirtualHost "{HIDDEN}"
 {hosts}Component "{MUC}" "muc"
   modules_enabled = {{ {muc_modules} }}
   muc_room_default_public_jids = true
   muc_room_locking = false
 {self.muc_options}
+{self.components}
 """
         )
 
