@@ -217,7 +217,10 @@ class JitsiClient(_Recorder):
         iq = self.make_iq_set(ito=self.room)
         x = ET.SubElement(ET.SubElement(iq.xml, f"{{{MUC_OWNER}}}query"), f"{{{XDATA}}}x")
         x.set("type", "submit")
-        for var, value in {"FORM_TYPE": "http://jabber.org/protocol/muc#roomconfig", **fields}.items():
+        for var, value in {
+            "FORM_TYPE": "http://jabber.org/protocol/muc#roomconfig",
+            **fields,
+        }.items():
             f = ET.SubElement(x, f"{{{XDATA}}}field")
             f.set("var", var)
             ET.SubElement(f, f"{{{XDATA}}}value").text = value

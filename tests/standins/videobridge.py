@@ -269,7 +269,11 @@ class Exporter:
         self._reader = self._spawn(self._read(ws))
         if self.connect.exports or self.connect.requests:
             self._send_nowait(
-                {"event": "sources", "exports": self.connect.exports, "requests": self.connect.requests}
+                {
+                    "event": "sources",
+                    "exports": self.connect.exports,
+                    "requests": self.connect.requests,
+                }
             )
         self._send_nowait({"event": "info", "application": "jitsi-videobridge", "version": VERSION})
         self.closed.clear()
@@ -311,9 +315,7 @@ class Exporter:
             log.warning("bridge: max reconnection attempts (%d) reached, giving up", cap)
             return
         delay = (
-            0.0
-            if n == 1
-            else min(self.config.base_delay * 2.0 ** (n - 2), self.config.max_delay)
+            0.0 if n == 1 else min(self.config.base_delay * 2.0 ** (n - 2), self.config.max_delay)
         )
         if self._reconnect is not None:
             self._reconnect.cancel()
@@ -401,7 +403,9 @@ class Exporter:
             return False
         return not self.connect.exports or source.name in self.connect.exports
 
-    def encode(self, source: Source, seq16: int, ts32: int, payload: bytes, level: int, vad: bool) -> None:
+    def encode(
+        self, source: Source, seq16: int, ts32: int, payload: bytes, level: int, vad: bool
+    ) -> None:
         state = self.ssrcs.get(source.ssrc)
         if state is None:
             start_offset = int((time.monotonic() - self.ref) * 48000)
@@ -570,7 +574,12 @@ class BridgeConference:
         payload = {"event": "transcription-result"} | {
             k: v for k, v in event.items() if k != "event"
         }
-        msg = {"colibriClass": "EndpointMessage", "to": "", "from": "transcriber", "msgPayload": payload}
+        msg = {
+            "colibriClass": "EndpointMessage",
+            "to": "",
+            "from": "transcriber",
+            "msgPayload": payload,
+        }
         for ep in self.endpoints.values():
             ep.messages.append(json.loads(json.dumps(msg)))
 
@@ -582,7 +591,8 @@ class BridgeConference:
         return [
             m["msgPayload"]
             for m in ep.messages
-            if m.get("from") == "transcriber" and m["msgPayload"].get("type") == "transcription-result"
+            if m.get("from") == "transcriber"
+            and m["msgPayload"].get("type") == "transcription-result"
         ]
 
     @property
