@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import xml.etree.ElementTree as ET
 from collections import Counter
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,15 @@ from tests.jitsi_clients import (
 )
 from tests.prosody import HIDDEN, MUC
 from tests.standins.deployment import METADATA, JitsiDeployment, jitsi_deployment
-from tests.standins.jicofo import Conference
+from tests.standins.jicofo import (
+    Conference,
+    JicofoConfig,
+    MetadataError,
+    TranscriptionConfig,
+    java_url_encode,
+    parse_room_metadata,
+    room_jid_match_rewrite,
+)
 
 ROOM = f"standup@{MUC}"
 TRANSCRIBER = f"transcriber@{HIDDEN}"
@@ -195,26 +204,86 @@ async def test_metadata_component_and_jicofo_follow_jitsi(tmp_path):
         assert conf.bridge is not None
         assert [s.name for s in conf.bridge.endpoints[BOB].sources] == [f"{BOB}-a0"]
 
-        # a moderator's key is stored and broadcast; Jicofo reads it
-        alice.set_room_metadata(METADATA, "recording", {"isTranscribingEnabled": True})
-        await wait_for(
-            lambda: any(
-                (m["metadata"].get("recording") or {}).get("isTranscribingEnabled")
-                for m in bob.room_metadata(METADATA)
-            ),
-            LONG,
-            "broadcast",
-        )
-        await wait_for(lambda: conf.metadata and conf.metadata.get("recording"), LONG)
-        # without asyncTranscription Jicofo does not transcribe
-        assert conf.enable_transcription is False and conf.bridge.exporter is None
-        # blocked keys and non-moderators are refused
+        # a moderator's key is stored and broadcast to everyone, Jicofo included
+        alice.set_room_metadata(METADATA, "whiteboard", {"collabServerUrl": "https://wb.example"})
+
+        def has_wb(mds: list[dict]) -> bool:
+            return any("whiteboard" in m["metadata"] for m in mds)
+
+        await wait_for(lambda: has_wb(bob.room_metadata(METADATA)), LONG, "broadcast")
+        await wait_for(lambda: conf.metadata_received > 0, LONG, "Jicofo got the metadata")
+        # the same value again: no broadcast; blocked keys and non-moderators refused
         n = len(bob.room_metadata(METADATA))
+        alice.set_room_metadata(METADATA, "whiteboard", {"collabServerUrl": "https://wb.example"})
         alice.set_room_metadata(METADATA, "asyncTranscription", True)
-        bob.set_room_metadata(METADATA, "recording", {"isTranscribingEnabled": False})
-        await asyncio.sleep(1.5)
+        alice.set_room_metadata(METADATA, "transcription", {"urlParams": {"room": "x"}})
+        bob.set_room_metadata(METADATA, "whiteboard", {"collabServerUrl": "https://evil.example"})
+        await asyncio.sleep(2)
         assert len(bob.room_metadata(METADATA)) == n
+        assert not any(
+            "asyncTranscription" in m["metadata"] or "transcription" in m["metadata"]
+            for m in bob.room_metadata(METADATA)
+        )
+        # metadata from anyone but the component is not Jicofo's business
+        forged = bob.make_message(mto=d.jicofo.boundjid)
+        jm = ET.SubElement(forged.xml, "{http://jitsi.org/jitmeet}json-message")
+        jm.set("room", ROOM)
+        jm.text = (
+            '{"type":"room_metadata","metadata":{"asyncTranscription":true,'
+            '"recording":{"isTranscribingEnabled":true}}}'
+        )
+        forged.send()
+        await wait_for(lambda: d.jicofo.metadata_dropped, LONG, "forged metadata dropped")
         assert conf.enable_transcription is False
+
+
+def test_jicofo_transcribes_only_under_its_conditions():
+    """ChatRoomImpl.doSetRoomMetadata and JitsiMeetConferenceImpl's URL rules,
+    on the stand-in alone."""
+    jicofo = SimpleNamespace(
+        config=JicofoConfig(
+            transcription=TranscriptionConfig(
+                url_template="ws://h:1/mediajson/{{MEETING_ID}}?x=1",
+                http_headers={"Authorization": "Bearer t", "X-A": "a"},
+            )
+        )
+    )
+    conf = Conference(jicofo, ROOM)  # type: ignore[arg-type]
+    conf.meeting_id = "m-1"
+
+    def md(text: str) -> None:
+        conf.set_room_metadata(parse_room_metadata(text))
+
+    md('{"type":"room_metadata","metadata":{"recording":{"isTranscribingEnabled":true}}}')
+    assert conf.enable_transcription is False  # no asyncTranscription
+    md('{"type":"room_metadata","metadata":{"asyncTranscription":true}}')
+    assert conf.enable_transcription is False  # not switched on
+    md(
+        '{"type":"room_metadata","metadata":{"asyncTranscription":true,'
+        '"recording":{"isTranscribingEnabled":true},"transcription":{"urlParams":'
+        '{"room":"[t]r@conference.localhost"},"httpHeaders":{"X-A":"b"}}}}'
+    )
+    assert conf.enable_transcription is True
+    assert conf.transcriber_url == (
+        "ws://h:1/mediajson/m-1?x=1&room=%5Bt%5Dr%40conference.localhost"
+    )
+    assert conf.transcriber_headers == {"Authorization": "Bearer t", "X-A": "b"}
+    md('{"type":"room_metadata","metadata":{"asyncTranscription":true,"recording":{}}}')
+    assert conf.enable_transcription is False and conf.transcriber_url is None
+    # what Jackson would not map is dropped whole
+    for bad in (
+        '{"type":"room_metadata","metadata":{"recording":[]}}',
+        '{"type":"room_metadata","metadata":{"transcription":{"urlParams":[]}}}',
+        '{"type":"room_metadata","metadata":{"asyncTranscription":"yes"}}',
+        '{"type":"room_metadata","metadata":{},"metadata":{}}',
+        '{"metadata":{"asyncTranscription":true}}',
+    ):
+        with pytest.raises(MetadataError):
+            parse_room_metadata(bad)
+    assert java_url_encode("a b~*é") == "a+b%7E*%C3%A9"
+    assert room_jid_match_rewrite("r@conference.acme.localhost", "localhost") == (
+        "[acme]r@conference.localhost"
+    )
 
 
 # -- end to end, the CC button -----------------------------------------------------

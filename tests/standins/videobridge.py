@@ -529,10 +529,11 @@ class BridgeConference:
             self.exporters[c.id].connect = c
 
     async def expire(self) -> None:
-        for ex in self.exporters.values():
+        exporters = list(self.exporters.values())
+        self.exporters.clear()
+        for ex in exporters:
             await ex.stop()
             self.expired_exporters.append(ex)
-        self.exporters.clear()
         for t in list(self._players):
             t.cancel()
 
