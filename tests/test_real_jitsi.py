@@ -412,7 +412,7 @@ async def test_metadata_path_turns_the_export_on_and_off(tmp_path):
         await wait_for(lambda: conf.enable_transcription is False, LONG, "Jicofo: transcribing off")
         await wait_for(lambda: exporter.closed.is_set(), LONG, "the export socket closed")
         assert exporter.events("session-end"), "the bridge ended the session"
-        assert exporter.close_codes[-1] == 1001
+        assert exporter.closes_sent == [(1001, "closing")]
         assert conf.bridge is not None and conf.bridge.exporter is None
         before = len(finals(conf, carol)) + len([c for _, c in carol.captions()])
         await speak(conf, [(BOB, SAY_BOB)])

@@ -196,7 +196,8 @@ class Exporter:
         self.received: list[str] = []
         self.parse_failures = 0
         self.transcripts = 0
-        self.close_codes: list[int | None] = []
+        self.close_codes: list[int | None] = []  # as the socket reports them
+        self.closes_sent: list[tuple[int, str]] = []  # close frames the bridge sent
         self.handshake_errors: list[str] = []
         self.pongs = 0
         self.ping_timeouts = 0
@@ -218,6 +219,7 @@ class Exporter:
         if ws is not None and not ws.closed:
             with contextlib.suppress(Exception):
                 await self._send({"event": "session-end"})
+            self.closes_sent.append((1001, "closing"))
             with contextlib.suppress(Exception):
                 await ws.close(code=1001, message=b"closing")
         if self._reader is not None:
@@ -366,6 +368,7 @@ class Exporter:
         self._stop_ping()
         ws = self.ws
         if ws is not None:
+            self.closes_sent.append((1000, "Ping timeout"))
             self._spawn(ws.close(code=1000, message=b"Ping timeout"))
         self._schedule_reconnect()
 
