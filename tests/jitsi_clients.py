@@ -147,7 +147,11 @@ class JitsiClient(_Recorder):
         self.properties: dict[str, str] = {}
         self.ssrc = int.from_bytes(os.urandom(4), "big") or 1
         self.register_handler(
-            Callback("jingle", MatchXPath(f"{{jabber:client}}iq/{{{JINGLE}}}jingle"), self._jingle)
+            Callback(
+                "jingle",
+                MatchXPath(f"{{jabber:client}}iq/{{{JINGLE}}}jingle"),
+                self._jingle,  # type: ignore[arg-type]
+            )
         )
 
     def _jingle(self, iq: slixmpp.Iq) -> None:

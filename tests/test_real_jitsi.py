@@ -233,7 +233,8 @@ async def test_metadata_component_and_jicofo_follow_jitsi(tmp_path):
             '"recording":{"isTranscribingEnabled":true}}}'
         )
         forged.send()
-        await wait_for(lambda: d.jicofo.metadata_dropped, LONG, "forged metadata dropped")
+        jicofo = d.jicofo
+        await wait_for(lambda: jicofo.metadata_dropped, LONG, "forged metadata dropped")
         assert conf.enable_transcription is False
 
 
@@ -300,6 +301,8 @@ async def test_cc_with_default_options_brings_captions_once(tmp_path):
         assert url.startswith(f"ws://127.0.0.1:{d.http_port}/mediajson/{conf.meeting_id}"), url
         await speak(conf, [(ALICE, SAY_ALICE), (BOB, SAY_BOB)])
         await captions_once(conf, carol, {ALICE: SAY_ALICE, BOB: SAY_BOB})
+        # whatever the service answered on the socket parsed as the bridge parses it
+        assert conf.bridge.exporter.parse_failures == 0
 
 
 async def grant_member(owner: JitsiClient, user_jid: str) -> None:
@@ -418,3 +421,23 @@ async def test_metadata_path_turns_the_export_on_and_off(tmp_path):
         await speak(conf, [(BOB, SAY_BOB)])
         await asyncio.sleep(5)
         assert len(finals(conf, carol)) + len([c for _, c in carol.captions()]) == before
+
+
+@pytest.mark.slow
+async def test_captions_go_on_after_the_bridge_reconnects(tmp_path):
+    """The export socket drops mid-meeting; the bridge reconnects at once with a
+    new serializer (start again, sequence numbers and timestamps anew, as
+    Exporter.onWebSocketOpen does) and the next words are captioned."""
+    async with jitsi_deployment(tmp_path) as d:
+        conf, alice, bob, carol = await room_with_three(d)
+        dial_ok(await press_cc(alice))
+        await export_open(conf, "after the CC dial")
+        await speak(conf, [(ALICE, SAY_ALICE)])
+        await captions_once(conf, carol, {ALICE: SAY_ALICE})
+        ex = conf.bridge.exporter if conf.bridge else None
+        assert ex is not None and ex.ws is not None
+        await ex.ws.close()  # as a network drop looks to the bridge
+        await wait_for(lambda: ex.connections == 2 and ex.is_connected, LONG, "reconnected")
+        await speak(conf, [(BOB, SAY_BOB)])
+        await captions_once(conf, carol, {ALICE: SAY_ALICE, BOB: SAY_BOB})
+        assert len(ex.events("info")) == 2 and ex.parse_failures == 0
