@@ -378,8 +378,12 @@ async def test_cc_in_a_tenant_room(tmp_path):
 
 async def test_a_token_without_the_transcription_feature_is_refused(tmp_path):
     """(e) Jitsi's is_feature_allowed: a features table without
-    "transcription" means no, even for a moderator."""
-    tokens = {"alice": {"recording": "true", "livestreaming": True}}
+    "transcription" means no, even for a moderator; with it, yes, even for a
+    participant who is not one."""
+    tokens = {
+        "alice": {"recording": "true", "livestreaming": True},
+        "carol": {"transcription": "true"},
+    }
     async with jitsi_deployment(tmp_path, preload=False, tokens=tokens) as d:
         conf, alice, bob, carol = await room_with_three(d)
         reply = await press_cc(alice)
@@ -388,6 +392,12 @@ async def test_a_token_without_the_transcription_feature_is_refused(tmp_path):
         assert transcriber_nick(conf) is None
         assert conf.enable_transcription is False
         assert conf.bridge is not None and conf.bridge.exporter is None
+        # Bob: no token, not a moderator
+        assert error_condition(await press_cc(bob)) == "forbidden"
+        # Carol: not a moderator, her token allows it
+        assert _role(carol)[0] == "participant"
+        dial_ok(await press_cc(carol))
+        await wait_for(lambda: transcriber_nick(conf) is not None, LONG, "transcriber joined")
 
 
 @pytest.mark.slow
