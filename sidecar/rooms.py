@@ -28,6 +28,14 @@ API. The rule (:meth:`Room.pick_carrier`):
 
 The choice sticks to an utterance (its ``message_id``) while its carrier can
 still send, so an utterance's interims and final arrive the same way.
+
+The parts: :mod:`sidecar.room_model` (the room's data), this module's
+:class:`RoomManager` (which rooms exist, switching on and off, settings,
+roster, background checks; it publishes every change as a typed event of
+:mod:`sidecar.room_events`), :mod:`sidecar.room_speakers` (audio in, one
+pipeline per speaker), :mod:`sidecar.room_captions` (captions out: the
+transcript, the event bus, the carriers) and :mod:`sidecar.room_session`
+(the handle an ingest adapter holds on a room).
 """
 
 from __future__ import annotations
@@ -35,16 +43,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge
 
 from sidecar.asr.base import Hypothesis, Recognizer
-from sidecar.asr.streaming import DecodingStream, StreamOptions
+from sidecar.asr.streaming import StreamOptions
 from sidecar.config import (
     EffectiveSettings,
     Mode,
@@ -55,12 +60,12 @@ from sidecar.config import (
 )
 from sidecar.counters import flush_all
 from sidecar.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from sidecar.events import Caption, Frame, TranscriptEntry
+from sidecar.events import Caption, Frame
 from sidecar.pipeline.segmenter import SegmenterConfig
-from sidecar.pipeline.speaker import FRAMES_DROPPED, GateConfig, SpeakerPipeline
+from sidecar.pipeline.speaker import GateConfig, SpeakerPipeline
 from sidecar.pipeline.vad import SileroVad
+from sidecar.room_captions import CaptionOutput
 from sidecar.room_events import (
-    CaptionPublished,
     EventBus,
     RoomEnded,
     RoomEvent,
@@ -69,187 +74,43 @@ from sidecar.room_events import (
     SessionStopped,
     TranscriptReady,
 )
+from sidecar.room_model import (
+    _MEETING_RE,
+    CARRIERS,
+    INGEST_SOURCES,
+    CaptionSink,
+    Carrier,
+    Participant,
+    Room,
+    Subscriber,
+    canonical_room,
+    valid_participant,
+)
 from sidecar.room_session import IngestSession
-from sidecar.store.base import TranscriptStore, TranscriptWriter
+from sidecar.room_speakers import DRAIN_TIMEOUT, SpeakerPool
+from sidecar.store.base import TranscriptStore
+
+__all__ = [
+    "CARRIERS",
+    "DRAIN_TIMEOUT",
+    "INGEST_SOURCES",
+    "CaptionSink",
+    "Carrier",
+    "Participant",
+    "Room",
+    "RoomManager",
+    "Subscriber",
+    "canonical_room",
+    "valid_participant",
+]
 
 log = logging.getLogger(__name__)
 
-CAPTIONS_OUT = Counter("captions_captions_total", "Captions published", ["kind"])
-FINAL_LATENCY = Histogram(
-    "captions_final_latency_seconds",
-    "From the end of speech to the final caption being published",
-    buckets=(0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 7.5, 10, 20),
-)
-FIRST_INTERIM_LATENCY = Histogram(
-    "captions_first_interim_latency_seconds",
-    "From the start of speech to the first interim caption of the utterance",
-    buckets=(0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 7.5, 10),
-)
 ROOMS_ACTIVE = Gauge("captions_rooms_active", "Rooms with captions or transcription on")
-SPEAKERS_ACTIVE = Gauge("captions_speaker_pipelines", "Speaker pipelines alive")
-TRANSCRIPT_ERRORS = Counter(
-    "captions_transcript_write_errors_total", "Finals that could not be written"
-)
-DRAIN_TIMEOUT = 30.0  # seconds a stop waits for the last finals
-INGEST_SOURCES = ("videobridge", "jigasi")
-CARRIED = Counter(
-    "captions_carried_total",
-    "Captions sent to the participants, by carrier (each on exactly one)",
-    ["carrier"],
-)
 NO_AUDIO = Counter(
     "captions_no_audio_warnings_total",
     "Rooms switched on that got no audio within ingest.no_audio_warning_s",
 )
-SUBSCRIBER_DROPS = Counter(
-    "captions_subscriber_dropped_total", "Caption events not delivered to a slow subscriber"
-)
-
-_ROOM_RE = re.compile(r"[^\s\x00-\x1f\x7f@/\\\"&'<>:]{1,256}(@[A-Za-z0-9.\-]{1,253})?")
-_PARTICIPANT_RE = re.compile(r"[A-Za-z0-9._~\-]{1,64}")
-_MEETING_RE = re.compile(r"[A-Za-z0-9._\-]{1,128}")
-
-
-def canonical_room(room: str) -> str:
-    if not isinstance(room, str) or not _ROOM_RE.fullmatch(room):
-        raise InvalidArgument(
-            "room",
-            f"{room[:80]!r} is not a room name (ROOM or ROOM@conference.HOST; ROOM is "
-            "1..256 characters without spaces, control characters, quotes, slashes, "
-            "'<', '>', '&' or ':')",
-        )
-    return room.lower()
-
-
-def valid_participant(pid: str) -> bool:
-    return isinstance(pid, str) and bool(_PARTICIPANT_RE.fullmatch(pid))
-
-
-@dataclass(slots=True)
-class Participant:
-    id: str
-    name: str = ""
-    avatar_url: str = ""
-    ssrcs: tuple[int, ...] = ()
-
-
-class Subscriber:
-    """A bounded queue of caption events for one listener."""
-
-    def __init__(self, include_interims: bool, maxsize: int = 256) -> None:
-        self.include_interims = include_interims
-        self.queue: asyncio.Queue[Caption | None] = asyncio.Queue(maxsize)
-
-    def offer(self, caption: Caption) -> None:
-        if caption.is_interim and not self.include_interims:
-            return
-        if self.queue.full():
-            if caption.is_interim:
-                SUBSCRIBER_DROPS.inc()
-                return
-            with contextlib.suppress(asyncio.QueueEmpty):
-                self.queue.get_nowait()  # make room for the final
-                SUBSCRIBER_DROPS.inc()
-        self.queue.put_nowait(caption)
-
-    def close(self) -> None:
-        if self.queue.full():
-            # the end marker must get in, or the subscriber waits forever
-            with contextlib.suppress(asyncio.QueueEmpty):
-                self.queue.get_nowait()
-        with contextlib.suppress(asyncio.QueueFull):
-            self.queue.put_nowait(None)
-
-    async def __aiter__(self) -> AsyncIterator[Caption]:
-        while True:
-            item = await self.queue.get()
-            if item is None:
-                return
-            yield item
-
-
-CaptionSink = Callable[[Caption], None]
-
-CARRIERS = ("muc", "videobridge")  # in order of preference, see the module doc
-
-
-@dataclass(slots=True)
-class Carrier:
-    """One way captions reach the participants: ``send`` when ``ready()``."""
-
-    name: str  # one of CARRIERS
-    ready: Callable[[], bool]
-    send: CaptionSink
-
-
-@dataclass
-class Room:
-    name: str
-    room_settings: RoomSettings = field(default_factory=RoomSettings)
-    start_settings: RoomSettings = field(default_factory=RoomSettings)
-    effective: EffectiveSettings = field(default_factory=EffectiveSettings)
-    transcribing: bool = False
-    captioning: bool = False
-    trigger: Trigger = Trigger.MANUAL
-    roster: dict[str, Participant] = field(default_factory=dict)
-    roster_known: bool = False
-    speakers: dict[str, SpeakerPipeline] = field(default_factory=dict)
-    streams: dict[str, DecodingStream] = field(default_factory=dict)
-    writer: TranscriptWriter | None = None
-    subscribers: set[Subscriber] = field(default_factory=set)
-    sinks: list[CaptionSink] = field(default_factory=list)
-    captions_sent: int = 0
-    live: bool = True  # false for files decoded faster than real time
-    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    write_failed: bool = False  # a final could not be written to this transcript
-    first_interim_seen: set[str] = field(default_factory=set)
-    pending: set[asyncio.Task[None]] = field(default_factory=set)
-    meeting_id: str = ""
-    stopping: bool = False  # finishing its pipelines: no new speakers
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # start/stop/end one at a time
-    ingest_connections: int = 0  # open videobridge / Jigasi sockets
-    last_audio: float = field(default_factory=time.monotonic)
-    source: str = ""  # who started it: "videobridge", "jigasi", or a control API caller
-    # where captions go to the participants' screens, by CARRIERS name
-    carriers: dict[str, Carrier] = field(default_factory=dict)
-    carrier_by_message: dict[str, str] = field(default_factory=dict)
-    # what an operator should act on, by kind ("no_audio", "join"), in words
-    warnings: dict[str, str] = field(default_factory=dict)
-    active_since: float = field(default_factory=time.monotonic)
-    audio_seen: bool = False  # a frame arrived since captions/transcription went on
-    requested_by: str = ""  # the last person (endpoint id) who asked, for notices
-    room_password: str = ""  # for the transcriber occupant's join; never logged
-
-    @property
-    def active(self) -> bool:
-        return self.transcribing or self.captioning
-
-    def pick_carrier(self, message_id: str = "") -> Carrier | None:
-        """The one carrier a caption goes out on (see the module doc)."""
-        name = self.carrier_by_message.get(message_id) if message_id else None
-        if name is not None:
-            c = self.carriers.get(name)
-            if c is not None and c.ready():
-                return c
-        for name in CARRIERS:
-            c = self.carriers.get(name)
-            if c is not None and c.ready():
-                return c
-        return None
-
-    @property
-    def warning(self) -> str:
-        return " | ".join(self.warnings.values())
-
-    @property
-    def carrier(self) -> str:
-        """The carrier a new caption would take now ("" for none)."""
-        c = self.pick_carrier()
-        return c.name if c is not None else ""
-
-    @property
-    def transcript_id(self) -> str:
-        return self.writer.id if self.writer is not None else ""
 
 
 class RoomManager:
@@ -274,7 +135,10 @@ class RoomManager:
         # outputs (MUC occupant, gRPC subscriptions, webhooks, archiver, the
         # transcript page) are its subscribers
         self.events = events if events is not None else EventBus()
-        self.events.add_listener("grpc_subscriptions", self._to_subscribers)
+        # the two halves of a room's work, each its own part
+        self.pipelines = SpeakerPool(self)  # audio in
+        self.captions = CaptionOutput(self)  # captions out
+        self.events.add_listener("grpc_subscriptions", self.captions.to_subscribers)
         # the signed link of a transcript, for TranscriptReady; None: no links
         self.transcript_link = transcript_link
         self.store = store
@@ -604,36 +468,33 @@ class RoomManager:
         )
         self._notify(r, "stop")
 
-    async def _finish_speakers(self, r: Room) -> None:
-        """Open utterances get their finals, then the pipelines go.
+    # -- audio in: the speaker pipelines (sidecar.room_speakers) --------------
+    def push_frame(self, room: str, participant: str, frame: Frame) -> bool:
+        """Feed one frame. Returns False when it was dropped (and counted)."""
+        return self.pipelines.push_frame(room, participant, frame)
 
-        Bounded: after ``DRAIN_TIMEOUT`` what is still pending is given up
-        (logged) so that a stop or a shutdown always completes and the
-        transcript is always closed.
-        """
-        r.stopping = True
-        try:
-            for sp in r.speakers.values():
-                sp.finish()
-            streams = list(r.streams.values())
-            try:
-                async with asyncio.timeout(DRAIN_TIMEOUT):
-                    await asyncio.gather(*(s.drain() for s in streams), return_exceptions=True)
-                    if r.pending:
-                        await asyncio.wait(set(r.pending))
-            except TimeoutError:
-                log.warning(
-                    "room %s: finals still pending after %.0f s; closing without them",
-                    r.name,
-                    DRAIN_TIMEOUT,
-                )
-            for s in streams:
-                await s.aclose()
-            SPEAKERS_ACTIVE.dec(len(r.speakers))
-            r.speakers.clear()
-            r.streams.clear()
-        finally:
-            r.stopping = False
+    async def finish_speaker(self, room: str, pid: str) -> None:
+        """A participant's audio source ended: its open utterance gets its final."""
+        await self.pipelines.finish_speaker(room, pid)
+
+    def _new_speaker(self, r: Room, pid: str) -> SpeakerPipeline:
+        return self.pipelines.new_speaker(r, pid)
+
+    async def _drop_speaker(self, r: Room, pid: str) -> None:
+        await self.pipelines.drop_speaker(r, pid)
+
+    async def _finish_speakers(self, r: Room) -> None:
+        await self.pipelines.finish_all(r)
+
+    # -- captions out (sidecar.room_captions) -------------------------------------------
+    def _on_hypothesis(self, r: Room, sp: SpeakerPipeline, h: Hypothesis) -> None:
+        self.captions.on_hypothesis(r, sp, h)
+
+    async def _persist_and_publish(self, r: Room, cap: Caption) -> None:
+        await self.captions.persist_and_publish(r, cap)
+
+    def _publish(self, r: Room, cap: Caption) -> None:
+        self.captions.publish(r, cap)
 
     async def end_room(self, room: str, *, reason: str = "room_ended") -> Room:
         r = self.get(room)
@@ -717,23 +578,6 @@ class RoomManager:
         await self._auto_start(r)
         return r
 
-    async def finish_speaker(self, room: str, pid: str) -> None:
-        """A participant's audio source ended: its open utterance gets its final."""
-        r = self.rooms.get(room.lower())
-        if r is not None:
-            await self._drop_speaker(r, pid)
-
-    async def _drop_speaker(self, r: Room, pid: str) -> None:
-        sp = r.speakers.pop(pid, None)
-        st = r.streams.pop(pid, None)
-        if sp is None or st is None:
-            return
-        sp.finish()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(st.drain(), 30)
-        await st.aclose()
-        SPEAKERS_ACTIVE.dec()
-
     async def _auto_start(self, r: Room) -> None:
         eff = r.effective
         n = len(r.roster)
@@ -750,173 +594,7 @@ class RoomManager:
                     r.name, kind, r.start_settings, trigger=eff.trigger, requested_by="auto"
                 )
 
-    # -- audio in ----------------------------------------------------------
-    def push_frame(self, room: str, participant: str, frame: Frame) -> bool:
-        """Feed one frame. Returns False when it was dropped (and counted)."""
-        r = self.rooms.get(room) if isinstance(room, str) else None
-        if r is None and isinstance(room, str):
-            r = self.rooms.get(room.lower())
-        if r is None or not r.active:
-            FRAMES_DROPPED.labels("room_inactive").inc()
-            return False
-        sp = r.speakers.get(participant)
-        if sp is None:
-            if r.stopping:
-                FRAMES_DROPPED.labels("room_stopping").inc()
-                return False
-            if not valid_participant(participant):
-                FRAMES_DROPPED.labels("invalid_participant").inc()
-                return False
-            if r.roster_known and participant not in r.roster:
-                FRAMES_DROPPED.labels("unknown_participant").inc()
-                return False
-            if len(r.speakers) >= self.max_speakers:
-                FRAMES_DROPPED.labels("too_many_speakers").inc()
-                return False
-            sp = self._new_speaker(r, participant)
-        if not r.audio_seen:
-            self._audio_arrived(r)
-        try:
-            sp.push(frame)
-        except Exception:
-            # a bug on one stream must not take the room down: reset that stream
-            log.exception("room %s: speaker %s failed; resetting it", r.name, participant)
-            FRAMES_DROPPED.labels("internal").inc()
-            r.speakers.pop(participant, None)
-            st = r.streams.pop(participant, None)
-            if st is not None:
-                task = asyncio.ensure_future(st.aclose())
-                r.pending.add(task)  # type: ignore[arg-type]
-                task.add_done_callback(r.pending.discard)  # type: ignore[arg-type]
-            SPEAKERS_ACTIVE.dec()
-            return False
-        return True
-
-    def _new_speaker(self, r: Room, pid: str) -> SpeakerPipeline:
-        eff = r.effective
-        rec = self.recognizers[eff.provider]
-        holder: list[SpeakerPipeline] = []
-        stream = DecodingStream(
-            rec,
-            language=eff.language,
-            on_result=lambda h: self._on_hypothesis(r, holder[0], h),
-            options=StreamOptions(interim_results=eff.interim_results),
-        )
-        sp = SpeakerPipeline(
-            pid,
-            vad=self.vad,
-            stream=stream,
-            segmenter=self._segmenter_config(eff),
-            gate=self.gate,
-        )
-        holder.append(sp)
-        r.speakers[pid] = sp
-        r.streams[pid] = stream
-        SPEAKERS_ACTIVE.inc()
-        return sp
-
-    # -- captions out --------------------------------------------------------
-    def _on_hypothesis(self, r: Room, sp: SpeakerPipeline, h: Hypothesis) -> None:
-        times = sp.times.get(h.utterance_id)
-        start = sp.sample_to_epoch_ms(times.start_sample) if times else int(time.time() * 1000)
-        end = sp.sample_to_epoch_ms(times.end_sample) if times else start
-        p = r.roster.get(sp.participant_id)
-        cap = Caption(
-            room=r.name,
-            participant_id=sp.participant_id,
-            participant_name=(p.name if p and p.name else sp.participant_id),
-            avatar_url=p.avatar_url if p else "",
-            message_id=h.utterance_id,
-            text=h.text,
-            is_interim=not h.is_final,
-            stability=h.stability,
-            language=h.language,
-            start_time_ms=start,
-            end_time_ms=end,
-            timestamp_ms=int(time.time() * 1000),
-            confidence=h.confidence,
-        )
-        if h.is_final:
-            sp.times.pop(h.utterance_id, None)
-            task = asyncio.create_task(self._persist_and_publish(r, cap))
-            r.pending.add(task)
-            task.add_done_callback(r.pending.discard)
-        else:
-            if r.live and h.utterance_id not in r.first_interim_seen:
-                r.first_interim_seen.add(h.utterance_id)
-                FIRST_INTERIM_LATENCY.observe(max(0.0, (cap.timestamp_ms - start) / 1000))
-            self._publish(r, cap)
-
-    async def _persist_and_publish(self, r: Room, cap: Caption) -> None:
-        r.first_interim_seen.discard(cap.message_id)
-        if cap.text and r.transcribing and r.writer is not None:
-            entry = TranscriptEntry(
-                start_time=_iso(cap.start_time_ms),
-                stop_time=_iso(cap.end_time_ms),
-                speaker_id=cap.participant_id,
-                speaker_name=cap.participant_name,
-                text=cap.text,
-                message_id=cap.message_id,
-                language=cap.language,
-            )
-            writer = r.writer
-            async with r.write_lock:
-                try:
-                    await asyncio.to_thread(writer.append, entry)
-                except Exception as e:
-                    TRANSCRIPT_ERRORS.inc()
-                    log.exception("room %s: transcript write failed", r.name)
-                    if not r.write_failed:
-                        r.write_failed = True  # said once per transcript
-                        self._emit(
-                            SessionFailed(
-                                room=r.name,
-                                kind="transcription",
-                                cause="store_write",
-                                message=str(e)[:500],
-                                transcript_id=writer.id,
-                            )
-                        )
-        if r.live:
-            FINAL_LATENCY.observe(max(0.0, (time.time() * 1000 - cap.end_time_ms) / 1000))
-        self._publish(r, cap)
-
-    def _publish(self, r: Room, cap: Caption) -> None:
-        r.captions_sent += 1
-        CAPTIONS_OUT.labels("interim" if cap.is_interim else "final").inc()
-        # the gRPC subscriptions, webhooks and transcript pages take it from here
-        self._emit(CaptionPublished(room=r.name, caption=cap, transcript_id=r.transcript_id))
-        if not r.captioning:
-            return
-        for sink in list(r.sinks):
-            try:
-                sink(cap)
-            except Exception:
-                log.exception("room %s: caption sink failed", r.name)
-        carrier = r.pick_carrier(cap.message_id)
-        if carrier is None:
-            CARRIED.labels("none").inc()
-            return
-        if cap.is_interim:
-            if len(r.carrier_by_message) > 1000:  # utterances that never got a final
-                r.carrier_by_message.clear()
-            r.carrier_by_message[cap.message_id] = carrier.name
-        else:
-            r.carrier_by_message.pop(cap.message_id, None)
-        try:
-            carrier.send(cap)
-            CARRIED.labels(carrier.name).inc()
-        except Exception:
-            log.exception("room %s: caption carrier %s failed", r.name, carrier.name)
-
-    def _to_subscribers(self, event: RoomEvent) -> None:
-        """The gRPC subscriptions of a room are fed from its caption events."""
-        if isinstance(event, CaptionPublished):
-            r = self.rooms.get(event.room)
-            if r is not None:
-                for sub in list(r.subscribers):
-                    sub.offer(event.caption)
-
+    # -- subscriptions ------------------------------------------------------
     def subscribe(self, room: str, include_interims: bool) -> Subscriber:
         r = self._room(room)
         if len(r.subscribers) >= self.max_subscribers:
@@ -935,8 +613,3 @@ class RoomManager:
             return  # a start is under way
         if not (r.active or r.subscribers or r.roster_known or r.room_settings.set_fields()):
             del self.rooms[r.name]
-
-
-def _iso(ms: int) -> str:
-    dt = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"

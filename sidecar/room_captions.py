@@ -1,0 +1,164 @@
+"""Captions out of a room: recognised text to captions, the transcript, the outputs.
+
+A final is written to the room's transcript (fsynced) *before* it is
+published, so any final a viewer has seen survives a crash. Publishing puts
+every caption on the room event bus (the gRPC subscriptions, webhooks and
+transcript pages take it from there) and, while captions are on, sends it
+to the participants on exactly one carrier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Histogram
+
+from sidecar.asr.base import Hypothesis
+from sidecar.events import Caption, TranscriptEntry
+from sidecar.pipeline.speaker import SpeakerPipeline
+from sidecar.room_events import CaptionPublished, RoomEvent, SessionFailed
+from sidecar.room_model import Room
+
+if TYPE_CHECKING:
+    from sidecar.rooms import RoomManager
+
+__all__ = ["CaptionOutput"]
+
+log = logging.getLogger("sidecar.rooms")
+
+CAPTIONS_OUT = Counter("captions_captions_total", "Captions published", ["kind"])
+FINAL_LATENCY = Histogram(
+    "captions_final_latency_seconds",
+    "From the end of speech to the final caption being published",
+    buckets=(0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 7.5, 10, 20),
+)
+FIRST_INTERIM_LATENCY = Histogram(
+    "captions_first_interim_latency_seconds",
+    "From the start of speech to the first interim caption of the utterance",
+    buckets=(0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 7.5, 10),
+)
+TRANSCRIPT_ERRORS = Counter(
+    "captions_transcript_write_errors_total", "Finals that could not be written"
+)
+CARRIED = Counter(
+    "captions_carried_total",
+    "Captions sent to the participants, by carrier (each on exactly one)",
+    ["carrier"],
+)
+
+
+class CaptionOutput:
+    """The caption path of every room of one :class:`~sidecar.rooms.RoomManager`."""
+
+    def __init__(self, manager: RoomManager) -> None:
+        self.m = manager
+
+    def on_hypothesis(self, r: Room, sp: SpeakerPipeline, h: Hypothesis) -> None:
+        times = sp.times.get(h.utterance_id)
+        start = sp.sample_to_epoch_ms(times.start_sample) if times else int(time.time() * 1000)
+        end = sp.sample_to_epoch_ms(times.end_sample) if times else start
+        p = r.roster.get(sp.participant_id)
+        cap = Caption(
+            room=r.name,
+            participant_id=sp.participant_id,
+            participant_name=(p.name if p and p.name else sp.participant_id),
+            avatar_url=p.avatar_url if p else "",
+            message_id=h.utterance_id,
+            text=h.text,
+            is_interim=not h.is_final,
+            stability=h.stability,
+            language=h.language,
+            start_time_ms=start,
+            end_time_ms=end,
+            timestamp_ms=int(time.time() * 1000),
+            confidence=h.confidence,
+        )
+        if h.is_final:
+            sp.times.pop(h.utterance_id, None)
+            task = asyncio.create_task(self.persist_and_publish(r, cap))
+            r.pending.add(task)
+            task.add_done_callback(r.pending.discard)
+        else:
+            if r.live and h.utterance_id not in r.first_interim_seen:
+                r.first_interim_seen.add(h.utterance_id)
+                FIRST_INTERIM_LATENCY.observe(max(0.0, (cap.timestamp_ms - start) / 1000))
+            self.publish(r, cap)
+
+    async def persist_and_publish(self, r: Room, cap: Caption) -> None:
+        r.first_interim_seen.discard(cap.message_id)
+        if cap.text and r.transcribing and r.writer is not None:
+            entry = TranscriptEntry(
+                start_time=_iso(cap.start_time_ms),
+                stop_time=_iso(cap.end_time_ms),
+                speaker_id=cap.participant_id,
+                speaker_name=cap.participant_name,
+                text=cap.text,
+                message_id=cap.message_id,
+                language=cap.language,
+            )
+            writer = r.writer
+            async with r.write_lock:
+                try:
+                    await asyncio.to_thread(writer.append, entry)
+                except Exception as e:
+                    TRANSCRIPT_ERRORS.inc()
+                    log.exception("room %s: transcript write failed", r.name)
+                    if not r.write_failed:
+                        r.write_failed = True  # said once per transcript
+                        self.m._emit(
+                            SessionFailed(
+                                room=r.name,
+                                kind="transcription",
+                                cause="store_write",
+                                message=str(e)[:500],
+                                transcript_id=writer.id,
+                            )
+                        )
+        if r.live:
+            FINAL_LATENCY.observe(max(0.0, (time.time() * 1000 - cap.end_time_ms) / 1000))
+        self.publish(r, cap)
+
+    def publish(self, r: Room, cap: Caption) -> None:
+        r.captions_sent += 1
+        CAPTIONS_OUT.labels("interim" if cap.is_interim else "final").inc()
+        # the gRPC subscriptions, webhooks and transcript pages take it from here
+        self.m._emit(CaptionPublished(room=r.name, caption=cap, transcript_id=r.transcript_id))
+        if not r.captioning:
+            return
+        for sink in list(r.sinks):
+            try:
+                sink(cap)
+            except Exception:
+                log.exception("room %s: caption sink failed", r.name)
+        carrier = r.pick_carrier(cap.message_id)
+        if carrier is None:
+            CARRIED.labels("none").inc()
+            return
+        if cap.is_interim:
+            if len(r.carrier_by_message) > 1000:  # utterances that never got a final
+                r.carrier_by_message.clear()
+            r.carrier_by_message[cap.message_id] = carrier.name
+        else:
+            r.carrier_by_message.pop(cap.message_id, None)
+        try:
+            carrier.send(cap)
+            CARRIED.labels(carrier.name).inc()
+        except Exception:
+            log.exception("room %s: caption carrier %s failed", r.name, carrier.name)
+
+    def to_subscribers(self, event: RoomEvent) -> None:
+        """The gRPC subscriptions of a room are fed from its caption events."""
+        if isinstance(event, CaptionPublished):
+            r = self.m.rooms.get(event.room)
+            if r is not None:
+                for sub in list(r.subscribers):
+                    sub.offer(event.caption)
+
+
+def _iso(ms: int) -> str:
+    dt = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
