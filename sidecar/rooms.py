@@ -46,7 +46,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Gauge
 
 from sidecar.asr.base import Hypothesis, Recognizer
 from sidecar.asr.streaming import StreamOptions
@@ -58,7 +58,6 @@ from sidecar.config import (
     Trigger,
     resolve,
 )
-from sidecar.counters import flush_all
 from sidecar.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from sidecar.events import Caption, Frame
 from sidecar.pipeline.segmenter import SegmenterConfig
@@ -88,6 +87,7 @@ from sidecar.room_model import (
 )
 from sidecar.room_session import IngestSession
 from sidecar.room_speakers import DRAIN_TIMEOUT, SpeakerPool
+from sidecar.room_watch import RoomWatch
 from sidecar.store.base import TranscriptStore
 
 __all__ = [
@@ -107,10 +107,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ROOMS_ACTIVE = Gauge("captions_rooms_active", "Rooms with captions or transcription on")
-NO_AUDIO = Counter(
-    "captions_no_audio_warnings_total",
-    "Rooms switched on that got no audio within ingest.no_audio_warning_s",
-)
 
 
 class RoomManager:
@@ -138,6 +134,7 @@ class RoomManager:
         # the two halves of a room's work, each its own part
         self.pipelines = SpeakerPool(self)  # audio in
         self.captions = CaptionOutput(self)  # captions out
+        self.watch = RoomWatch(self)  # the ticker: idle speakers, gone sources, no audio
         self.events.add_listener("grpc_subscriptions", self.captions.to_subscribers)
         # the signed link of a transcript, for TranscriptReady; None: no links
         self.transcript_link = transcript_link
@@ -167,82 +164,10 @@ class RoomManager:
     # -- lifecycle ---------------------------------------------------------
     def start_background(self) -> None:
         if self._ticker is None:
-            self._ticker = asyncio.create_task(self._tick_loop(), name="rooms-tick")
-
-    async def _tick_loop(self) -> None:
-        while True:
-            await asyncio.sleep(0.1)
-            flush_all()
-            now = time.monotonic()
-            if now - self._last_reap > 10:
-                self._last_reap = now
-                self._reap_idle_ingest_rooms(now)
-            if now - self._last_audio_check >= 0.5:
-                self._last_audio_check = now
-                self._check_no_audio(now)
-            for room in list(self.rooms.values()):
-                if not room.live:
-                    continue
-                for sp in list(room.speakers.values()):
-                    try:
-                        sp.idle_check(now, room.effective.silence_duration_ms)
-                    except Exception:  # one stream's fault must not stop the others
-                        log.exception("room %s: speaker %s failed", room.name, sp.participant_id)
-
-    def _reap_idle_ingest_rooms(self, now: float) -> None:
-        """Rooms the videobridge or Jigasi started end when their source is gone.
-
-        A bridge that crashed never sends ``session-end``, and Jigasi's rooms
-        have no Prosody module to end them: without this they would hold a
-        transcript open and a place under ``max_rooms`` for ever.
-        """
-        for r in list(self.rooms.values()):
-            if r.source not in INGEST_SOURCES or r.ingest_connections > 0 or not r.active:
-                continue
-            last = max((sp.last_arrival for sp in r.speakers.values()), default=r.last_audio)
-            if now - max(last, r.last_audio) > self.ingest_idle_end_s:
-                log.info("room %s: no audio source for %.0f s; ending it", r.name, now - last)
-                task = asyncio.create_task(self._end_quietly(r.name, reason="idle"))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
-
-    def _check_no_audio(self, now: float) -> None:
-        """A room switched on that gets no audio says so, once, in words."""
-        limit = self.no_audio_warning_s
-        if limit <= 0:
-            return
-        for r in list(self.rooms.values()):
-            if not r.active or r.audio_seen or not r.live or "no_audio" in r.warnings:
-                continue
-            if now - r.active_since < limit:
-                continue
-            r.warnings["no_audio"] = text = self._no_audio_text(r, limit)
-            NO_AUDIO.inc()
-            log.warning("%s", text)
-            self._notify(r, "no_audio")
-
-    def _no_audio_text(self, r: Room, limit: float) -> str:
-        if r.ingest_connections > 0:
-            who = "Jigasi" if r.source == "jigasi" else "the videobridge"
-            return (
-                f"{who} is connected for room {r.name} but sent no audio "
-                f"{limit:.0f} s after start: is everyone muted? (the bridge exports only "
-                "audio that participants send)"
-            )
-        url = self.mediajson_url or "the sidecar's mediajson URL"
-        return (
-            f"no audio from the videobridge for room {r.name} {limit:.0f} s after start: "
-            f"check jicofo.transcription.url-template (it must point at {url}), that the "
-            "room_metadata component is loaded (Jicofo turns the export on only from room "
-            f"metadata with asyncTranscription and recording.isTranscribingEnabled) and that "
-            f"the bridge can reach {url}"
-        )
+            self._ticker = asyncio.create_task(self.watch.run(), name="rooms-tick")
 
     def _audio_arrived(self, r: Room) -> None:
-        r.audio_seen = True
-        if r.warnings.pop("no_audio", None) is not None:
-            log.info("room %s: audio arrives now; the no-audio warning is cleared", r.name)
-            self._notify(r, "audio")
+        self.watch.audio_arrived(r)
 
     async def _end_quietly(self, name: str, reason: str = "room_ended") -> None:
         with contextlib.suppress(NotFound):
