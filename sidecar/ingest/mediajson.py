@@ -68,6 +68,7 @@ from sidecar.errors import ServiceError
 from sidecar.events import Caption, Frame
 from sidecar.ingest.common import CloseConnection, TokenBucket
 from sidecar.jitsi import caption_json
+from sidecar.room_session import IngestSession
 from sidecar.rooms import Carrier, Room, RoomManager, canonical_room, valid_participant
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ class _Connection:
         # mapped it yet (a bridge reconnecting to a restarted sidecar)
         self.provisional = False
         self.next_check = 0.0
+        self.session: IngestSession | None = None  # the handle on the room, once open
 
     def warn_once(self, key: str, message: str, *args: object) -> None:
         # one line per problem per socket: a newer bridge must not flood the log
@@ -269,15 +271,14 @@ class MediaJsonEndpoint:
                 await ws.close(code=CLOSE_POLICY, message=refusals[0][:120].encode())
                 return ws
         try:
-            r = self.rooms.get(room)
+            session = conn.session = self.rooms.open_session(room, "videobridge")
         except ServiceError:
             CLOSES.labels("no_room").inc()
             await ws.close(code=CLOSE_POLICY, message=b"room is not transcribing")
             return ws
         self.latest[room] = conn
         self._open.add(conn)
-        self._attach(r)
-        r.ingest_connections += 1
+        self._attach(session)
         CONNECTIONS.inc()
         conn.sender = asyncio.create_task(conn.send_loop())
         now = time.monotonic()
@@ -291,7 +292,7 @@ class MediaJsonEndpoint:
         finally:
             CLOSES.labels(reason).inc()
             CONNECTIONS.dec()
-            r.ingest_connections -= 1
+            session.close()
             self._open.discard(conn)
             if self.latest.get(room) is conn:
                 del self.latest[room]
@@ -351,15 +352,15 @@ class MediaJsonEndpoint:
             with contextlib.suppress(ServiceError):
                 await self.rooms.end_room(name)
 
-    def _attach(self, r: Room) -> None:
+    def _attach(self, session: IngestSession) -> None:
         """The room's ``videobridge`` carrier: a caption the room sends this
         way goes to its newest socket only, so a reconnecting bridge never
         gets (and relays) a caption twice. Finals made while the bridge is
         away wait for its return; only captions that took this carrier do,
         so a reconnect never replays what went out through the MUC."""
-        if r.carriers.get("videobridge") is self._carriers.get(r.name) is not None:
+        if session.carrier("videobridge") is self._carriers.get(session.room) is not None:
             return
-        name = r.name
+        name = session.room
 
         def send(c: Caption) -> None:
             conn = self.latest.get(name)
@@ -370,7 +371,7 @@ class MediaJsonEndpoint:
 
         carrier = Carrier("videobridge", ready=lambda: True, send=send)
         self._carriers[name] = carrier
-        r.carriers["videobridge"] = carrier
+        session.set_carrier(carrier)
 
     @staticmethod
     async def _flush(conn: _Connection) -> None:
@@ -462,7 +463,8 @@ class MediaJsonEndpoint:
             self._backlog.pop(conn.room, None)
             for kind in ("captions", "transcription"):
                 with contextlib.suppress(ServiceError):
-                    await self.rooms.stop(conn.room, kind, force=True)
+                    if conn.session is not None:
+                        await conn.session.stop(kind, reason="source_ended")
         else:
             if event == "info":
                 log.info(
@@ -600,7 +602,7 @@ class MediaJsonEndpoint:
             vad if vad is True or vad is False else None,
             float(level) if type(level) in _NUMBER else None,  # type: ignore[arg-type]
         )
-        ok = self.rooms.push_frame(conn.room, endpoint, frame)
+        ok = conn.session.push(endpoint, frame) if conn.session is not None else False
         (_M_MEDIA if ok else _M_MEDIA_DROPPED).inc()
 
 

@@ -349,7 +349,7 @@ class _Connection:
         # transcript after anything still in flight was written to it
         for kind in ("captions", "transcription"):
             try:
-                await rooms.stop(self.room, kind, reason=REQUESTED_BY, force=True)
+                await rooms.stop(self.room, kind, reason="source_ended", force=True)
             except NotFound:
                 return  # the room was ended meanwhile: nothing left to stop
             except ServiceError as e:
@@ -507,9 +507,7 @@ class SkynetEndpoint:
         CONNECTIONS.labels("accepted").inc()
         conn = _Connection(self, ws, room)
         self._open.add(conn)
-        room_obj = self.rooms.rooms.get(room)
-        if room_obj is not None:
-            room_obj.ingest_connections += 1
+        session = self.rooms.open_session(room, REQUESTED_BY) if room in self.rooms.rooms else None
         CONNECTIONS_OPEN.inc()
         log.info("skynet: Jigasi connected for room %s", room)
         try:
@@ -526,8 +524,8 @@ class SkynetEndpoint:
             with contextlib.suppress(Exception):
                 await conn.flush_replies()
             self._open.discard(conn)
-            if room_obj is not None:
-                room_obj.ingest_connections -= 1
+            if session is not None:
+                session.close()
             CONNECTIONS_OPEN.dec()
             if not ws.closed:
                 with contextlib.suppress(Exception):
