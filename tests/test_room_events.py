@@ -260,3 +260,45 @@ async def test_the_transcriber_posts_the_signed_link_at_start_and_when_ready(
         alice.disconnect()
         await sidecar.stop()
         prosody.stop()
+
+
+async def test_the_videobridge_ending_its_session_stops_with_source_ended(tmp_path: Path) -> None:
+    import aiohttp
+
+    token = "bridge-token-0123456789"
+    cfg = load_config(
+        None,
+        env={
+            "CAPTIONS_SERVER_TOKEN": token,
+            "CAPTIONS_SERVER_GRPC_LISTEN": "127.0.0.1:0",
+            "CAPTIONS_SERVER_HTTP_LISTEN": "127.0.0.1:0",
+            "CAPTIONS_STORE_STORE_DIR": str(tmp_path / "store"),
+        },
+    )
+    sidecar = Sidecar(cfg)
+    got = recorder(sidecar.events)
+    await sidecar.start(preload=False)
+    url = f"http://127.0.0.1:{sidecar.ports.http}/mediajson/meet-1?room={ROOM}"
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(url, headers={"Authorization": f"Bearer {token}"}) as ws,
+        ):
+            await wait_for(lambda: sum(isinstance(e, SessionStarted) for e in got) == 2)
+            assert sidecar.rooms.get(ROOM).ingest_connections == 1
+            await ws.send_json({"event": "session-end"})
+            await wait_for(lambda: sum(isinstance(e, SessionStopped) for e in got) == 2)
+        await wait_for(
+            lambda: (
+                sidecar.rooms.rooms.get(ROOM) is None
+                or (sidecar.rooms.get(ROOM).ingest_connections == 0)
+            )
+        )
+    finally:
+        await sidecar.stop()
+    stops = [e for e in got if isinstance(e, SessionStopped)]
+    assert {(s.kind, s.reason) for s in stops[:2]} == {
+        ("captions", "source_ended"),
+        ("transcription", "source_ended"),
+    }
+    assert all(isinstance(e, SessionStarted) and e.requested_by == "videobridge" for e in got[:2])
