@@ -19,8 +19,6 @@ from sidecar.events import Frame
 from sidecar.rooms import Participant
 from tests.conftest import collect, librivox, normalise
 
-pytestmark = pytest.mark.slow
-
 
 def dropped(reason: str) -> float:
     return REGISTRY.get_sample_value("captions_frames_dropped_total", {"reason": reason}) or 0.0
@@ -30,6 +28,7 @@ def lost() -> float:
     return REGISTRY.get_sample_value("captions_frames_lost_total") or 0.0
 
 
+@pytest.mark.slow
 async def test_bad_streams_do_not_disturb_good_ones(tmp_path):
     (wav_a, ref_a), (wav_b, ref_b) = librivox()[0], librivox()[3]
     lead = np.zeros(8000, np.float32)
@@ -98,6 +97,7 @@ async def test_bad_streams_do_not_disturb_good_ones(tmp_path):
 
 
 async def test_frames_for_rooms_that_are_off_are_dropped(tmp_path):
+    # no Whisper: this one runs in make test-fast
     engine = Engine(tmp_path)
     await engine.start(preload=False)
     before = dropped("room_inactive")
