@@ -324,3 +324,14 @@ async def test_outputs_from_config_upload_and_announce_a_ready_transcript(
     assert outputs.signer is not None
     q = dict(p.split("=", 1) for p in url.split("?", 1)[1].split("&"))
     assert outputs.signer.check(tid, q["exp"], q["sig"]).value == "ok"
+
+
+def test_listing_with_the_bucket_away_still_shows_the_local_transcripts(
+    tmp_path: Path, s3: S3Server
+) -> None:
+    local = LocalDirStore(tmp_path)
+    tid = finished_session(local)
+    store = ArchivedStore(local, archive(s3, "no-such-bucket-here"))
+    assert [m.id for m in store.list()] == [tid]
+    with pytest.raises(S3Error, match="the bucket does not exist"):
+        store.get("20261201T200000Z-gone-00000000", "txt")

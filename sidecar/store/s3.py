@@ -388,7 +388,13 @@ class ArchivedStore(TranscriptStore):
         return self.local.open(room, language=language, started_at=started_at)
 
     def list(self, room: str | None = None, limit: int = 100) -> builtins.list[TranscriptMeta]:
-        metas = {m.id: m for m in self.archive.list(room, limit=1_000_000)}
+        try:
+            remote = self.archive.list(room, limit=1_000_000)
+        except S3Error as e:
+            # the bucket being away must not hide what is on disk
+            log.warning("%s; listing the local transcripts only", e)
+            remote = []
+        metas = {m.id: m for m in remote}
         metas.update({m.id: m for m in self.local.list(room, limit=1_000_000)})
         out = sorted(metas.values(), key=lambda m: (m.started_at, m.id), reverse=True)
         return out[: max(0, limit)]
