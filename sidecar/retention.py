@@ -112,12 +112,14 @@ class RetentionSweeper:
             self._task = asyncio.create_task(self._run(), name="retention")
 
     async def _run(self) -> None:
+        # not at the very start: recovery and the first uploads go first
+        await asyncio.sleep(min(60.0, float(self.policy.sweep_interval_s)))
         while True:
             try:
                 await asyncio.to_thread(self.sweep)
             except Exception:
                 log.exception("retention sweep failed")
-            await asyncio.sleep(self.policy.sweep_interval_s)
+            await asyncio.sleep(float(self.policy.sweep_interval_s))
 
     async def close(self) -> None:
         if self._task is not None:
