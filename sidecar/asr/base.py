@@ -99,6 +99,8 @@ class Recognizer(ABC):
     def __init__(self, *, timeout: float = 30.0, retries: int = 1) -> None:
         self.timeout = timeout
         self.retries = retries
+        for error in ("timeout", "provider", "internal"):
+            RECOGNISE_ERRORS.labels(self.name, error)  # export zeros for rate() and alerts
 
     async def recognize(self, req: Request) -> DecodeResult:
         """One decode. Raises ProviderTimeout / ProviderError, or
