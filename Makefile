@@ -1,10 +1,10 @@
-# Targets: install, demo, serve, test, test-fast, lint, bench, proto
+# Targets: install, demo, serve, test, test-fast, lint, bench, proto, dashboards, ansible-test
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 SILERO_VAD := silero-vad==6.2.3
 
-.PHONY: install demo serve test test-fast lint bench proto clean
+.PHONY: install demo serve test test-fast lint bench proto dashboards clean
 
 install: $(VENV)/.installed
 
@@ -30,14 +30,19 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install
-	$(VENV)/bin/ruff check sidecar tests bench
-	$(VENV)/bin/ruff format --check sidecar tests bench
+	$(VENV)/bin/ruff check sidecar tests bench dashboards
+	$(VENV)/bin/ruff format --check sidecar tests bench dashboards
+	$(PY) dashboards/generate.py --check
 	$(VENV)/bin/mypy
 	cd prosody-module && luacheck .
 
 bench: install
 	$(PY) bench/conference.py --out docs/benchmarks.md
 	$(PY) bench/run.py --out docs/benchmarks.md
+
+# Grafana dashboards and Prometheus alert rules, from dashboards/generate.py
+dashboards: install
+	$(PY) dashboards/generate.py
 
 proto: install
 	PYTHON=$(PY) scripts/gen_proto.sh

@@ -41,12 +41,19 @@ class Prosody:
     extra_hosts: list[str] = field(default_factory=list)
     global_options: str = ""
     global_modules: list[str] = field(default_factory=list)
+    # an HTTP listener on 127.0.0.1 (mod_http_openmetrics...); 0: none
+    http_port: int = 0
 
     def write_config(self) -> None:
         plugins = ", ".join(f'"{p}"' for p in self.plugin_paths)
         muc_modules = ", ".join(f'"{m}"' for m in self.extra_modules)
         hosts = "".join(f'VirtualHost "{h}"\n' for h in self.extra_hosts)
         global_modules = "".join(f'; "{m}"' for m in self.global_modules)
+        http = (
+            f'http_ports = {{ {self.http_port} }}\nhttp_interfaces = {{ "127.0.0.1" }}'
+            if self.http_port
+            else "http_ports = { }"
+        )
         self.config.write_text(
             f"""
 run_as_root = true
@@ -57,7 +64,7 @@ c2s_ports = {{ {self.port} }}
 c2s_interfaces = {{ "127.0.0.1" }}
 s2s_ports = {{ }}
 component_ports = {{ }}
-http_ports = {{ }}
+{http}
 https_ports = {{ }}
 certificates = "{self.root}/certs"
 c2s_require_encryption = false
