@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 SILERO_VAD := silero-vad==6.2.3
 
-.PHONY: install demo serve test test-fast lint bench proto dashboards clean
+.PHONY: install demo serve test test-fast lint bench proto dashboards ansible-test clean
 
 install: $(VENV)/.installed
 
@@ -24,10 +24,14 @@ serve: install
 	$(PY) -m sidecar serve
 
 test: install
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -m "not ansible"
+
+# the Ansible role against a stock Jitsi layout on this machine (minutes)
+ansible-test: install
+	$(PY) -m pytest -q -ra -m ansible tests/test_ansible.py
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not ansible"
 
 lint: install
 	$(VENV)/bin/ruff check sidecar tests bench dashboards

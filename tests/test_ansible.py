@@ -300,10 +300,19 @@ def recap(out: str) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(1))}
 
 
+# the lists the role adds to (checked separately above)
+EDITED = {
+    (f"conference.{DOMAIN}", "modules_enabled"),
+    ("*", "plugin_paths"),
+    (DOMAIN, "modules_enabled"),
+}
+
+
 def conference_modules(sections: dict[str, dict[str, str]]) -> list[str]:
     return sections[f"conference.{DOMAIN}"]["modules_enabled"].split(",")
 
 
+@pytest.mark.ansible
 @pytest.mark.slow
 def test_the_role_installs_onto_a_stock_jitsi_and_a_second_run_changes_nothing(
     tmp_path: Path,
@@ -347,8 +356,7 @@ def test_the_role_installs_onto_a_stock_jitsi_and_a_second_run_changes_nothing(
         assert set(mods) - set(conference_modules(stock)) == {"captions", "muc_password_whitelist"}
         for name, options in stock.items():  # every other stock option and list as it was
             for key, value in options.items():
-                if (name, key) in {(f"conference.{DOMAIN}", "modules_enabled"), ("*", "plugin_paths"),
-                                   (DOMAIN, "modules_enabled")}:  # fmt: skip
+                if (name, key) in EDITED:
                     continue
                 assert after[name][key] == value, (name, key)
         assert after[DOMAIN]["modules_enabled"].split(",")[:-1] == stock[DOMAIN][
@@ -472,12 +480,35 @@ def changed_tasks(out: str) -> list[str]:
     return tasks
 
 
+@pytest.mark.ansible
 def test_ansible_lint_passes() -> None:
     need("ansible-lint")
     out = subprocess.run(
-        [str(BIN / "ansible-lint"), "--offline", "--nocolor", "playbook.yml", "roles/jitsi_captions"],
+        [str(BIN / "ansible-lint"), "--offline", "--nocolor", "playbook.yml", "roles"],
         capture_output=True, text=True, timeout=600, cwd=str(ANSIBLE),
         env={**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
              "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg")},
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+
+
+def test_every_variable_is_documented() -> None:
+    """Each admin toggle: in defaults/main.yml, meta/argument_specs.yml and the README."""
+    import yaml
+
+    role = ANSIBLE / "roles/jitsi_captions"
+    defaults = yaml.safe_load((role / "defaults/main.yml").read_text())
+    specs = yaml.safe_load((role / "meta/argument_specs.yml").read_text())
+    options = specs["argument_specs"]["main"]["options"]
+    readme = (role / "README.md").read_text()
+    assert set(defaults) == set(options)
+    for name, value in defaults.items():
+        assert name.startswith("jitsi_captions_"), name
+        assert f"| `{name}` |" in readme, name
+        assert options[name]["description"].strip(), name
+        if "default" in options[name]:
+            assert options[name]["default"] == value, name
+    for toggle in ("provider", "languages", "transcription_mode", "captions_mode", "trigger",
+                   "silence_duration_ms", "max_speech_caption_ms", "storage", "retention_days",
+                   "interim_results", "grpc_listen", "http_listen", "token"):  # fmt: skip
+        assert f"jitsi_captions_{toggle}" in defaults, toggle
