@@ -512,3 +512,51 @@ def test_every_variable_is_documented() -> None:
                    "silence_duration_ms", "max_speech_caption_ms", "storage", "retention_days",
                    "interim_results", "grpc_listen", "http_listen", "token"):  # fmt: skip
         assert f"jitsi_captions_{toggle}" in defaults, toggle
+
+
+def render_prosody_edit(tmp: Path, text: str) -> str:
+    """The role's Prosody edit (templates/prosody-domain.cfg.lua.j2) applied to text."""
+    src, out = tmp / "in.cfg.lua", tmp / "out.cfg.lua"
+    src.write_text(text)
+    play = tmp / "render.yml"
+    role = ANSIBLE / "roles/jitsi_captions"
+    play.write_text(
+        "- hosts: localhost\n  gather_facts: false\n"
+        f"  vars_files: ['{role}/defaults/main.yml']\n"
+        "  vars: {jitsi_captions__text: "
+        f"\"{{{{ lookup('file', '{src}') }}}}\\n\"}}\n"
+        "  tasks:\n    - ansible.builtin.template:\n"
+        f"        src: {role}/templates/prosody-domain.cfg.lua.j2\n"
+        f"        dest: {out}\n        mode: '0644'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local",
+         "-e", "ansible_python_interpreter=" + sys.executable,
+         "-e", "jitsi_captions_domain=meet.test", str(play)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:]
+    return out.read_text()
+
+
+def test_a_newer_stock_config_keeps_its_hidden_domain_and_whitelists(tmp_path: Path) -> None:
+    """Where the stock file already has the hidden VirtualHost and a lobby
+    whitelist, the edit adds no second host and puts the domain in the list once."""
+    need("ansible-playbook", "lua5.4")
+    stock = (FIXTURES / "prosody-domain.cfg.lua").read_text().replace("@ROOT@", "")
+    stock = stock.replace(
+        '    -- muc_lobby_whitelist = { "recorder.meet.test" }',
+        '    muc_lobby_whitelist = { "jibri.meet.test" }',
+    ) + ('\nVirtualHost "recorder.meet.test"\n    modules_enabled = {\n        "smacks";\n    }\n'
+         '    authentication = "internal_hashed"\n')  # fmt: skip
+    once = render_prosody_edit(tmp_path, stock)
+    twice = render_prosody_edit(tmp_path, once)
+    assert twice == once
+    (tmp_path / "once.cfg.lua").write_text(once)
+    sections, notes = read_prosody_config(tmp_path / "once.cfg.lua", tmp_path)
+    assert notes.count("DECL\trecorder.meet.test") == 1
+    assert not [n for n in notes if n.startswith("DUP")], notes
+    assert sections["recorder.meet.test"]["modules_enabled"] == "smacks"
+    assert sections["meet.test"]["muc_lobby_whitelist"] == "recorder.meet.test,jibri.meet.test"
+    assert "captions" in sections["conference.meet.test"]["modules_enabled"].split(",")
