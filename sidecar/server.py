@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.api.grpcweb import GrpcWebGateway
+from sidecar.api.metrics import MetricsInterceptor
 from sidecar.api.servicer import CaptionsService
 from sidecar.asr.base import Recognizer
 from sidecar.asr.scheduler import Scheduler
@@ -28,6 +29,7 @@ from sidecar.counters import flush_all
 from sidecar.ingest.mediajson import MediaJsonEndpoint
 from sidecar.ingest.rtp import RtpIngest
 from sidecar.ingest.skynet import SkynetEndpoint
+from sidecar.metrics import track_rooms
 from sidecar.pipeline.speaker import GateConfig
 from sidecar.pipeline.vad import SileroVad
 from sidecar.proto.captions.v1 import captions_pb2, captions_pb2_grpc
@@ -80,6 +82,7 @@ class Sidecar:
             gate=GateConfig(max_frame_bytes=lim.max_frame_bytes),
             no_audio_warning_s=config.ingest.no_audio_warning_s,
         )
+        track_rooms(self.rooms)
         self.service = CaptionsService(self.rooms, self.store, token)
         ing = config.ingest
         self.mediajson = MediaJsonEndpoint(
@@ -214,10 +217,11 @@ class Sidecar:
             await asyncio.to_thread(self.whisper.preload)
 
         server = grpc.aio.server(
+            interceptors=[MetricsInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", 4 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         captions_pb2_grpc.add_CaptionsServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
