@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.api.grpcweb import GrpcWebGateway
+from sidecar.api.metrics import MetricsInterceptor
 from sidecar.api.servicer import CaptionsService
 from sidecar.config import SidecarConfig
 from sidecar.counters import flush_all
@@ -26,6 +27,7 @@ from sidecar.engine import Engine
 from sidecar.ingest.mediajson import MediaJsonEndpoint
 from sidecar.ingest.rtp import RtpIngest
 from sidecar.ingest.skynet import SkynetEndpoint
+from sidecar.metrics import track_rooms
 from sidecar.proto.captions.v1 import captions_pb2, captions_pb2_grpc
 from sidecar.room_events import (
     RoomEnded,
@@ -76,6 +78,7 @@ class Sidecar:
         self.vad = self.engine.vad
         self.rooms = self.engine.rooms
         lim = config.limits
+        track_rooms(self.rooms)
         self.service = CaptionsService(self.rooms, self.store, token)
         ing = config.ingest
         self.mediajson = MediaJsonEndpoint(
@@ -229,10 +232,11 @@ class Sidecar:
             await asyncio.to_thread(self.whisper.preload)
 
         server = grpc.aio.server(
+            interceptors=[MetricsInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", 4 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         captions_pb2_grpc.add_CaptionsServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -48,6 +48,8 @@ class Prosody:
     # modules_enabled; more Component sections, appended after the MUC
     main_host_options: str = ""
     components: str = ""
+    # an HTTP listener on 127.0.0.1 (mod_http_openmetrics...); 0: none
+    http_port: int = 0
 
     def write_config(self) -> None:
         plugins = ", ".join(f'"{p}"' for p in self.plugin_paths)
@@ -58,6 +60,11 @@ class Prosody:
             global_modules += '; "tls"'
         disabled = '"s2s"' if self.tls else '"s2s"; "tls"'
         require = "true" if self.tls else "false"
+        http = (
+            f'http_ports = {{ {self.http_port} }}\nhttp_interfaces = {{ "127.0.0.1" }}'
+            if self.http_port
+            else "http_ports = { }"
+        )
         self.config.write_text(
             f"""
 run_as_root = true
@@ -68,7 +75,7 @@ c2s_ports = {{ {self.port} }}
 c2s_interfaces = {{ "127.0.0.1" }}
 s2s_ports = {{ }}
 component_ports = {{ }}
-http_ports = {{ }}
+{http}
 https_ports = {{ }}
 certificates = "{self.root}/certs"
 c2s_require_encryption = {require}
