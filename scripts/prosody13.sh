@@ -13,6 +13,8 @@
 #   PROSODY_BIN=... PROSODYCTL_BIN=...
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# everything but that last line goes to stderr
+exec 3>&1 1>&2
 
 DIR="${PROSODY13_DIR:-$PWD/.cache/prosody13}"
 case "$DIR" in /*) ;; *) DIR="$PWD/$DIR" ;; esac
@@ -35,8 +37,7 @@ candidate() {
 # 1. the backports source. CI machines do not have it: add one on the same
 #    mirror as the machine's own bookworm source, with backports' default
 #    priority (100: apt never upgrades anything from it on its own).
-ver="$(candidate)"
-if [ -z "$ver" ]; then
+if ! apt-cache policy 2>/dev/null | awk '{ print $3 }' | grep -qx "$SUITE/main"; then
   mirror="$(apt-cache policy 2>/dev/null | awk '$3 == "bookworm/main" && $2 ~ /^[a-z]+:\/\// { print $2; exit }')"
   if [ -z "$mirror" ]; then
     log "no apt source for Debian bookworm found; run apt-get update, or add $SUITE yourself"
@@ -49,16 +50,20 @@ if [ -z "$ver" ]; then
   printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
     "$mirror" "$SUITE" | $SUDO tee "$src" >/dev/null
   $SUDO apt-get update -qq
-  ver="$(candidate)"
-  if [ -z "$ver" ]; then
-    log "$SUITE has no prosody matching '$WANT' (apt-cache madison prosody)"
-    exit 1
-  fi
+fi
+ver="$(candidate)"
+if [ -z "$ver" ]; then
+  log "$SUITE has no prosody matching '$WANT' (apt-cache madison prosody; apt-get update?)"
+  exit 1
 fi
 
 # 2. the package, unpacked (again only when the version changed)
 if [ "$(cat "$DIR/VERSION" 2>/dev/null || true)" != "$ver" ]; then
   log "fetching prosody $ver from $SUITE"
+  if [ -e "$DIR" ] && [ ! -f "$DIR/VERSION" ] && [ -n "$(ls -A "$DIR")" ]; then
+    log "$DIR exists and was not made by this script; not touching it"
+    exit 1
+  fi
   rm -rf "$DIR"
   mkdir -p "$DIR/deb"
   # apt's download sandbox user must be able to write there
@@ -109,4 +114,4 @@ case "$ver" in
   *) log "the unpacked prosodyctl reports '$got', expected $ver"; "$DIR/bin/prosodyctl" about >&2 || true; exit 1 ;;
 esac
 log "Prosody $got ready in $DIR"
-echo "PROSODY_BIN=$DIR/bin/prosody PROSODYCTL_BIN=$DIR/bin/prosodyctl"
+echo "PROSODY_BIN=$DIR/bin/prosody PROSODYCTL_BIN=$DIR/bin/prosodyctl" >&3
