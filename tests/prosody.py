@@ -51,6 +51,10 @@ class Prosody:
     # STARTTLS required on c2s (mod_tls on), with the certificates of
     # self_signed() in certs/; off: plain TCP as before
     tls: bool = False
+    # lines inside the main VirtualHost (DOMAIN) section, e.g. its own
+    # modules_enabled; more Component sections, appended after the MUC
+    main_host_options: str = ""
+    components: str = ""
 
     def write_config(self) -> None:
         plugins = ", ".join(f'"{p}"' for p in self.plugin_paths)
@@ -82,12 +86,14 @@ modules_disabled = {{ {disabled} }}
 plugin_paths = {{ {plugins} }}
 {self.global_options}
 VirtualHost "{DOMAIN}"
+{self.main_host_options}
 VirtualHost "{HIDDEN}"
 {hosts}Component "{MUC}" "muc"
   modules_enabled = {{ {muc_modules} }}
   muc_room_default_public_jids = true
   muc_room_locking = false
 {self.muc_options}
+{self.components}
 """
         )
 

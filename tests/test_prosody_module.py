@@ -418,7 +418,7 @@ async def test_videobridge_path_follows_the_room_metadata(tmp_path):
         await wait_for(lambda: sidecar.rooms.get(ROOM).captioning, 10, "captions on")
         room = sidecar.rooms.get(ROOM)
         # a transcript, and the captions Jitsi shows from the same results
-        assert room.transcribing and room.captioning
+        await wait_for(lambda: room.transcribing and room.captioning, 10, "both on")
         # the export's URL names the room (Jicofo appends transcription.urlParams)
         out = await asyncio.to_thread(lua, "return r.jitsiMetadata.transcription.urlParams.room")
         assert ROOM in out, out
