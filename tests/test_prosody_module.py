@@ -585,7 +585,7 @@ async def test_a_presence_flood_is_coalesced_and_prosody_keeps_serving(tmp_path)
         assert room.captioning and room.transcribing
         assert counts["start"] == 0 and counts["stop"] == 0
         assert counts["update_roster"] < n // 4, counts
-        assert max(rtts) < 1.0, rtts
+        assert max(rtts) < 3.0, rtts  # not blocked (a blocked loop waits for the flood)
         # the requesters' languages became the room's settings: Bob (last
         # requesting) reads German, nobody said what is spoken yet
         assert room.room_settings.translation_languages == ("de",)
