@@ -133,7 +133,8 @@ class Sidecar:
         self.ready = False
 
     def _room_changed(self, room: Room, what: str) -> None:
-        """The no-audio notice goes to the room (or the moderator who asked)."""
+        """The no-audio notice goes to the room (or the moderator who asked); a
+        repeated start call hands the occupant the room's password."""
         occ = self.occupant
         if occ is None or "@" not in room.name:
             return
@@ -142,6 +143,10 @@ class Sidecar:
             occ.notify(room.name, NO_AUDIO_NOTICE, to=room.requested_by)
         elif what == "audio":
             occ.withdraw(room.name, NO_AUDIO_NOTICE)  # not sent yet: no longer true
+        elif what == "start" and room.active and occ.rooms.get(room.name) is not None:
+            # a start call again (already on, so no event): it may bring the room's
+            # password (the dial's JvbRoomPassword) that a refused join needs
+            occ.join(room.name, room.transcript_id, password=room.room_password)
 
     def _room_event(self, event: RoomEvent) -> None:
         """The transcriber occupant, a subscriber of the room events: it is in
