@@ -1405,9 +1405,9 @@ def _align(
         else:
             split: dict[int, list[str]] = {j: [] for j in covered}
             cur = covered[0]
-            for w, j in zip(words, word_of, strict=True):
-                if j in split:
-                    cur = j
+            for w, owner_j in zip(words, word_of, strict=True):
+                if owner_j is not None and owner_j in split:
+                    cur = owner_j
                 split[cur].append(w)
             parts = {j: " ".join(ws) for j, ws in split.items()}
         for j, text in parts.items():
