@@ -61,7 +61,7 @@ class Recorder:
     def resume(self) -> None:
         pass
 
-    def end(self, keep: int, discard: bool = False) -> None:
+    def end(self, keep: int, discard: bool = False, voiced_ms: int | None = None) -> None:
         self.events.append(("end", keep))
 
     @property

@@ -35,6 +35,9 @@ class StreamOptions:
     interim_results: bool = True
     first_interim_ms: int = 400  # speech needed before the first interim
     interim_step_ms: int = 400  # new audio needed between interims
+    # words of this speaker's previous finals given to the recogniser as the
+    # prompt (context across utterances); 0: none
+    context_words: int = 40
 
 
 class _Utterance:
@@ -52,6 +55,7 @@ class _Utterance:
         self.prefinal_len = 0
         self.paused = False
         self.done = False
+        self.voiced_ms: int | None = None
 
     def push(self, audio: np.ndarray) -> None:
         if len(audio):
@@ -86,6 +90,7 @@ class DecodingStream:
         self._tasks: set[asyncio.Task[object]] = set()
         self._final_chain: asyncio.Task[None] | None = None
         self.closed = False
+        self._context: list[str] = []  # words of the previous finals, newest last
 
     # -- driven by the speaker pipeline ------------------------------------
     def begin(self, utt_id: str, audio: np.ndarray) -> None:
@@ -121,16 +126,20 @@ class DecodingStream:
             u.prefinal = None
         self._maybe_interim(u)
 
-    def end(self, keep_samples: int, *, discard: bool = False) -> None:
+    def end(
+        self, keep_samples: int, *, discard: bool = False, voiced_ms: int | None = None
+    ) -> None:
         """Finish the current utterance; its final comes through on_result.
 
         ``discard``: too short to be speech; no final unless interims were
-        shown (then an empty final clears them).
+        shown (then an empty final clears them). ``voiced_ms``: how long the
+        VAD was sure of speech in it (see :func:`~sidecar.asr.filters.clean`).
         """
         u = self._utt
         if u is None or u.done:
             return
         u.done = True
+        u.voiced_ms = voiced_ms
         if u.interim_task is not None:
             u.interim_task.cancel()
         if discard and u.prefinal is not None:
@@ -165,8 +174,10 @@ class DecodingStream:
         return task
 
     async def _decode(self, u: _Utterance, kind: str, audio: np.ndarray) -> DecodeResult:
+        n = self.options.context_words
+        prompt = " ".join(self._context[-n:]) if n else ""
         return await self.recognizer.recognize(
-            Request(audio=audio, language=self.language, kind=kind, key=self)
+            Request(audio=audio, language=self.language, kind=kind, key=self, prompt=prompt)
         )
 
     def _maybe_interim(self, u: _Utterance) -> None:
@@ -246,7 +257,7 @@ class DecodingStream:
                 await asyncio.shield(prev)
         if result is not None:
             speech_ms = max(0, keep - u.onset) * 1000 // SR + 200
-            text = clean(result, speech_ms=speech_ms)
+            text = clean(result, speech_ms=speech_ms, voiced_ms=u.voiced_ms)
             confidence = _confidence(result)
             language = self._reported_language(result)
         elif discard:
@@ -259,6 +270,8 @@ class DecodingStream:
             text = u.last_interim_text
             confidence = 0.0
             language = self.language
+        if text and self.options.context_words:
+            self._context = (self._context + text.split())[-self.options.context_words :]
         if not text and u.interims_sent == 0:
             return
         extra: dict[str, object] = {"audio_ms": keep * 1000 // SR}

@@ -367,7 +367,9 @@ class SpeakerPipeline:
                 t.end_sample = min(t.end_sample, ev.speech_end_sample)
                 if ev.reason == "max_length":
                     t.end_sample = t.start_sample + ev.keep_samples
-            self.stream.end(ev.keep_samples, discard=ev.reason == "too_short")
+            self.stream.end(
+                ev.keep_samples, discard=ev.reason == "too_short", voiced_ms=ev.voiced_ms
+            )
             self._utt_id = None
 
     # -- lifecycle ---------------------------------------------------------

@@ -402,7 +402,7 @@ def speech_segments(
     ]
 
 
-_SPOKEN = {"mr": "mister", "mrs": "missus", "dr": "doctor"}
+_SPOKEN = {"mr": "mister", "mrs": "missus", "dr": "doctor", "ok": "okay"}
 
 
 def normalise(text: str) -> str:
