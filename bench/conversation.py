@@ -36,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sidecar.audio import OpusEncoder  # noqa: E402
+from sidecar.audio import OpusDecoder, OpusEncoder  # noqa: E402
 from sidecar.config import RoomSettings  # noqa: E402
 from sidecar.engine import Engine  # noqa: E402
 from sidecar.sim.conference import (  # noqa: E402
@@ -96,6 +96,11 @@ def offline(engine: Engine, pcm: np.ndarray) -> str:
     return " ".join(s.text.strip() for s in segs)
 
 
+def _through_opus(packets: list[bytes]) -> np.ndarray:
+    dec = OpusDecoder()
+    return np.concatenate([dec.decode(p) for p in packets])
+
+
 async def run(gap: float, overlap: float, band: bool) -> dict[str, object]:
     conv = await asyncio.to_thread(
         build_conversation,
@@ -105,6 +110,7 @@ async def run(gap: float, overlap: float, band: bool) -> dict[str, object]:
         overlap=overlap,
     )
     tracks = {s: (narrow_band(t) if band else t) for s, t in conv.tracks.items()}
+    packets = {s: OpusEncoder().encode(t) for s, t in tracks.items()}
     with TemporaryDirectory() as tmp:
         engine = Engine(Path(tmp))
         await engine.start()
@@ -113,10 +119,13 @@ async def run(gap: float, overlap: float, band: bool) -> dict[str, object]:
         got: list[tuple[float, object]] = []
         r.sinks.append(lambda c: got.append((time.monotonic(), c)))
         t0 = time.monotonic()
-        await play(engine.rooms, room, {s: OpusEncoder().encode(t) for s, t in tracks.items()})
+        await play(engine.rooms, room, packets)
         await asyncio.sleep(3)
         await engine.rooms.end_room(room)
         offline_text = {s: await asyncio.to_thread(offline, engine, t) for s, t in tracks.items()}
+        # the same audio the streaming path decoded: after Opus at 32 kb/s
+        received = {s: _through_opus(p) for s, p in packets.items()}
+        offline_opus = {s: await asyncio.to_thread(offline, engine, t) for s, t in received.items()}
         await engine.close()
 
     rows: dict[str, list[UtteranceResult]] = {}
@@ -183,6 +192,7 @@ async def run(gap: float, overlap: float, band: bool) -> dict[str, object]:
     hyps = {s: " ".join(f.text for f in finals.get(s, [])) for s in rows}
     stream_wer = word_error_rate(list(refs.values()), list(hyps.values()))
     offline_wer = word_error_rate(list(refs.values()), [offline_text[s] for s in refs])
+    offline_opus_wer = word_error_rate(list(refs.values()), [offline_opus[s] for s in refs])
     short = [t for t in conv.turns if len(t.text.split()) <= 2]
     return {
         "synthetic": True,
@@ -195,6 +205,7 @@ async def run(gap: float, overlap: float, band: bool) -> dict[str, object]:
         "merged": merged,
         "streaming_wer": stream_wer,
         "offline_wer": offline_wer,
+        "offline_opus_wer": offline_opus_wer,
         "final_p50": float(np.percentile(lat, 50)) if lat else None,
         "final_p95": float(np.percentile(lat, 95)) if lat else None,
         "first_interim_p95": float(np.percentile(first_lat, 95)) if first_lat else None,

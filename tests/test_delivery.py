@@ -170,6 +170,23 @@ def test_an_rtp_timestamp_jump_is_silence_in_the_audio(vad, monkeypatch) -> None
     assert starts[-1] >= (len(a) * 960 + jump) // 3 - SR // 2
 
 
+def test_a_restarted_sender_with_a_new_rtp_clock_adds_no_silence(vad, monkeypatch) -> None:
+    from sidecar.events import Frame
+
+    clock = Clock()
+    clock.install(monkeypatch)
+    sp, _ = _pipeline(vad)
+    silence = encode_opus(np.zeros(SR, np.float32))
+    for i, pkt in enumerate(silence):
+        sp.push(Frame(pkt, 100 + i, i * 960))
+    before = sp.clock
+    # new sequence and timestamp bases, the timestamps 20 s ahead of the old clock
+    for j, pkt in enumerate(silence):
+        sp.push(Frame(pkt, 30000 + j, 20 * 48000 + j * 960))
+    sp.finish()
+    assert sp.clock - before < 2 * SR
+
+
 def test_jigasi_messages_follow_its_buffer() -> None:
     """Participant.java: a 48000-byte buffer sent when under 1920 bytes are left."""
     pcm = np.ones(10 * SR, np.float32)

@@ -134,6 +134,7 @@ class SpeakerPipeline:
         self._quiet = False  # idle_check took the sender for stopped
         self._resumed = False  # the frame being played is the first after that
         self._next_ts: int | None = None  # RTP timestamp the next Opus frame should have
+        self._last_seq: int | None = None  # sequence of the last Opus frame played
 
     # -- time --------------------------------------------------------------
     def sample_to_epoch_ms(self, sample: int) -> int:
@@ -191,6 +192,7 @@ class SpeakerPipeline:
             if self._next_ts is not None:
                 # the lost frames' span is filled here, not again as a jump
                 self._next_ts = (self._next_ts + samples * TICKS_PER_SAMPLE) % TS_MOD
+            self._last_seq = None  # the next frame's sequence follows the gap
             if not self.seg.in_speech:
                 # after a reconnect the idle check has already brought the
                 # clock to wall time: do not count the outage twice
@@ -211,6 +213,9 @@ class SpeakerPipeline:
             self._silence(self._frame_samples)
             return
         self._frame_samples = samples
+        if self._last_seq is not None and (frame.sequence - self._last_seq) % 65536 != 1:
+            self._next_ts = None  # a restarted sender (resync): a new RTP clock
+        self._last_seq = frame.sequence % 65536
         self._timestamp(frame.timestamp, samples)
         if self._is_silent(frame):
             _FRAMES_GATED.inc()
