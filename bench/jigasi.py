@@ -155,6 +155,33 @@ async def run(
     }
 
 
+async def simulator_row(proc: object, tmp: Path, rounds: int) -> dict[str, object]:
+    from bench.conference import reader_track
+    from sidecar.sim.conference import SimConfig, SimParticipant, run_conference
+    from tests.conftest import librivox
+
+    order = list(range(5)) * rounds
+    ref = " ".join(librivox()[k][1] for k in order)
+    people = [SimParticipant(name="Reader", audio=reader_track(tmp, "reader", order), text=ref)]
+    cfg = SimConfig(
+        participants=people,
+        url=f"ws://127.0.0.1:{proc.http}/mediajson/{uuid.uuid4()}",  # type: ignore[attr-defined]
+        room="jigasi-bench@conference.bench",
+        token=proc.token,  # type: ignore[attr-defined]
+        realtime=True,
+    )
+    report = await run_conference(cfg)
+    return {
+        "chunk": "frames",
+        "speakers": 1,
+        "utterances": len(report.utterances),
+        "finals": report.finals,
+        "wer": report.wer or 0.0,
+        "final_p50": report.final_latency_p50,
+        "final_p95": report.final_latency_p95,
+    }
+
+
 def _s(v: object) -> str:
     return "—" if v is None else f"{float(v):.2f} s"  # type: ignore[arg-type]
 
@@ -163,6 +190,7 @@ def row_md(r: dict[str, object]) -> str:
     names = {
         "jigasi": "Jigasi's 48000-byte messages (1.46 s)",
         "jittered": "0.2 s chunks, stalls of 0.2-0.9 s",
+        "frames": "20 ms Opus frames over mediajson (the simulator)",
     }
     name = names.get(str(r["chunk"]), f"{r['chunk']} s chunks")
     return (
@@ -195,6 +223,10 @@ async def main() -> None:
         ap.error("--url or --spawn")
     try:
         rows = []
+        if proc is not None and args.all:
+            # the same speech as 20 ms Opus frames over mediajson, by the simulator
+            rows.append(await simulator_row(proc, Path(tmp.name), args.rounds))
+            print(row_md(rows[-1]), f"(load {os.getloadavg()[0]:.2f})", flush=True)
         for chunk in CHUNKS if args.all else (args.chunk,):
             r = await run(
                 url, token, chunk, args.speakers, args.rounds, args.socket_per_participant

@@ -53,6 +53,7 @@ class _Utterance:
         self.interims_sent = 0
         self.prefinal: asyncio.Task[DecodeResult] | None = None
         self.prefinal_len = 0
+        self.prefinal_prompt = ""
         self.paused = False
         self.done = False
         self.voiced_ms: int | None = None
@@ -114,7 +115,10 @@ class DecodingStream:
         u.paused = True
         if u.prefinal is None:
             u.prefinal_len = u.length
-            u.prefinal = self._spawn(self._decode(u, "final", u.snapshot(u.length)))
+            u.prefinal_prompt = self._prompt()
+            u.prefinal = self._spawn(
+                self._decode(u, "final", u.snapshot(u.length), u.prefinal_prompt)
+            )
 
     def resume(self) -> None:
         u = self._utt
@@ -173,9 +177,15 @@ class DecodingStream:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _decode(self, u: _Utterance, kind: str, audio: np.ndarray) -> DecodeResult:
+    def _prompt(self) -> str:
         n = self.options.context_words
-        prompt = " ".join(self._context[-n:]) if n else ""
+        return " ".join(self._context[-n:]) if n else ""
+
+    async def _decode(
+        self, u: _Utterance, kind: str, audio: np.ndarray, prompt: str | None = None
+    ) -> DecodeResult:
+        if prompt is None:
+            prompt = self._prompt()
         return await self.recognizer.recognize(
             Request(audio=audio, language=self.language, kind=kind, key=self, prompt=prompt)
         )
@@ -232,13 +242,23 @@ class DecodingStream:
     ) -> None:
         result: DecodeResult | None = None
         error = ""
+        if self.options.context_words and prev is not None and not prev.done():
+            # the previous final is this one's context: decoding without it
+            # would make the words depend on how fast the machine was
+            with contextlib.suppress(Exception):
+                await asyncio.shield(prev)
         if not discard:
             try:
                 # the speculative decode stands for the final only when it
-                # covered the kept audio and little more: after a forced cut
-                # it would hold words that belong to the next utterance
+                # covered the kept audio and little more (after a forced cut
+                # it would hold words that belong to the next utterance) and
+                # was given the context the final has
                 slack = u.prefinal_len - keep
-                if u.prefinal is not None and 0 <= slack <= PREFINAL_SLACK:
+                if (
+                    u.prefinal is not None
+                    and 0 <= slack <= PREFINAL_SLACK
+                    and u.prefinal_prompt == self._prompt()
+                ):
                     result = await u.prefinal
                 else:
                     if u.prefinal is not None:
