@@ -98,8 +98,18 @@ async def main() -> None:
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--parallel", action="store_true", help="all patterns at once (faster)")
+    ap.add_argument("--context", type=int, default=None, help="context_words of the streams")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.context is not None:
+        import functools
+
+        import sidecar.rooms
+        from sidecar.asr.streaming import StreamOptions
+
+        sidecar.rooms.StreamOptions = functools.partial(  # type: ignore[misc]
+            StreamOptions, context_words=args.context
+        )
     pcm, truth = track(args.rounds)
     with TemporaryDirectory() as tmp:
         engine = Engine(Path(tmp))

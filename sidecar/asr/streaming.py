@@ -36,8 +36,10 @@ class StreamOptions:
     first_interim_ms: int = 400  # speech needed before the first interim
     interim_step_ms: int = 400  # new audio needed between interims
     # words of this speaker's previous finals given to the recogniser as the
-    # prompt (context across utterances); 0: none
-    context_words: int = 40
+    # prompt (context across utterances); 0: none. Off by default: with
+    # tiny.en it gained 4-5 WER points on narrow-band conversation but lost
+    # 3 on read speech (docs/benchmarks.md, issue 8)
+    context_words: int = 0
 
 
 class _Utterance:
