@@ -413,7 +413,11 @@ async def test_videobridge_path_follows_the_room_metadata(tmp_path):
         await wait_for(lambda: transcriber_here(alice), 10, "transcriber joined")
         on_s = time.monotonic() - t0
         room = sidecar.rooms.get(ROOM)
-        assert room.transcribing and not room.captioning
+        # a transcript, and the captions Jitsi shows from the same results
+        await wait_for(lambda: room.transcribing and room.captioning, 10, "both on")
+        # the export's URL names the room (Jicofo appends transcription.urlParams)
+        out = await asyncio.to_thread(lua, "return r.jitsiMetadata.transcription.urlParams.room")
+        assert ROOM in out, out
         # Jicofo's {{MEETING_ID}} WebSocket finds the room, with names for the endpoints
         assert sidecar.rooms.room_for_meeting(meeting_id) == ROOM
         assert room.roster["a1b2c3d4"].name == "Alice"

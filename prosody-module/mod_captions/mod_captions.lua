@@ -12,18 +12,32 @@
 --    up to date and stop captions when nobody asks for them any more;
 --  * rooms set to "auto-on" start on their first (or second) participant and end
 --    when the last one leaves;
---  * with captions_async_transcription, rooms get asyncTranscription = true in
---    their metadata and follow recording.isTranscribingEnabled (the videobridge
---    export path, where Jicofo sends the audio to the sidecar's {{MEETING_ID}});
+--  * whenever captions or a transcript are on in a room, the room metadata gets
+--    asyncTranscription = true, recording.isTranscribingEnabled = true and
+--    transcription.urlParams.room, so that Jicofo tells the videobridge to send
+--    the room's audio to the sidecar (jicofo.transcription.url-template); both go
+--    back off when nobody wants either (captions_videobridge_export = false
+--    leaves the metadata alone, for audio that comes another way);
+--  * recording.isTranscribingEnabled set by a participant (the recording
+--    dialog's switch, or the CC button when asyncTranscription is on) starts a
+--    transcript and captions; set to false it stops what a dial started;
+--    captions_async_transcription marks every room at creation, which makes
+--    jitsi-meet's CC button take that path instead of the dial;
+--  * the transcriber gets into password-protected and members-only (lobby)
+--    rooms; JvbRoomName may be a tenant's client-side JID
+--    (room@conference.TENANT.BASE for [TENANT]room@conference.BASE);
 --  * every room the sidecar serves gets the roster (endpoint id -> display name,
 --    avatar) from the MUC, since the videobridge only knows endpoint ids;
 --  * a periodic ListRooms notices a restarted sidecar and re-applies each room's
 --    roster and starts, so a crashed transcriber comes back by itself.
 --
--- Config (paste into the conference component; only the first two are required):
+-- Config: add "captions" to the modules_enabled list that the conference
+-- component of /etc/prosody/conf.d/<domain>.cfg.lua already has (never a
+-- second Component block: it would replace that list), then the options below
+-- in the same component (only the first two are required):
 --
 --   Component "conference.meet.example.com" "muc"
---       modules_enabled = { "captions" }
+--       modules_enabled = { ...the stock list..., "captions" }
 --       -- where the sidecar's HTTP listener serves gRPC-Web (http:// or https://)
 --       captions_sidecar_url = "http://127.0.0.1:8088"
 --       -- the sidecar's bearer token: a file holding it (preferred) or the token itself
@@ -42,7 +56,9 @@
 --       captions_transcriber_jid = "transcriber@recorder.meet.example.com"
 --       captions_hidden_domain = "recorder.meet.example.com" -- default: the transcriber's domain
 --       captions_exclude_domains = { "auth.meet.example.com" } -- focus, jigasi: not counted
---       captions_async_transcription = false  -- videobridge export (jicofo transcription url-template)
+--       captions_async_transcription = false  -- mark rooms so the CC button uses the metadata path
+--       captions_videobridge_export = true    -- turn the bridge's audio export on through the metadata
+--       -- muc_mapper_domain_base = "meet.example.com" -- tenants: conference.TENANT.<this> (default: <base>)
 --       captions_health_check_interval = 15   -- seconds between ListRooms, 1..3600; 0 turns it off
 --
 -- Defaults: the transcriber is transcriber@recorder.<base> and the excluded
@@ -60,9 +76,10 @@
 -- Dial IQ answers: result with <ref xmlns="urn:xmpp:rayo:1" uri="xmpp:TRANSCRIBER_JID"/>
 -- once the sidecar has started captions (UpdateSettings, UpdateRoster,
 -- StartTranscription, StartCaptions, each under the timeout); errors, each with a <text>:
---   forbidden            not an occupant of the room, not a moderator (and the
---                        token does not grant "transcription"), token denies it,
---                        JvbRoomName names another room
+--   forbidden            not an occupant of the room, JvbRoomName names another
+--                        room, or jitsi-meet's is_feature_allowed says no: a
+--                        token features table without "transcription" true, else
+--                        granted features without it, else not a moderator
 --   bad-request          no JvbRoomName header, or one that is not a room JID
 --   item-not-found       no such room
 --   not-allowed          captions are disabled for the room
@@ -81,6 +98,7 @@ local codec = module:require "captions_codec";
 local muc = module:depends "muc";
 
 local jid_split, jid_resource, jid_host, jid_prep = jid_lib.split, jid_lib.resource, jid_lib.host, jid_lib.prep;
+local jid_bare = jid_lib.bare;
 local t_insert, t_concat, t_sort = table.insert, table.concat, table.sort;
 local m_min, m_max = math.min, math.max;
 local utf8_len, utf8_offset = utf8.len, utf8.offset;
@@ -88,6 +106,7 @@ local utf8_len, utf8_offset = utf8.len, utf8.offset;
 local RAYO = "urn:xmpp:rayo:1";
 local TRANSCRIBE_TARGET = "jitsi_meet_transcribe";
 local NICK_NS = "http://jabber.org/protocol/nick";
+local MUC_NS = "http://jabber.org/protocol/muc";
 local P_REQUESTING = "jitsi_participant_requestingTranscription";
 local P_LANGUAGE = "jitsi_participant_transcription_language";
 local P_TRANSLATION = "jitsi_participant_translation_language";
@@ -185,6 +204,14 @@ transcriber_jid = jid_prep(transcriber_jid) or transcriber_jid;
 local hidden_domain = module:get_option_string("captions_hidden_domain", jid_host(transcriber_jid));
 local exclude_domains = module:get_option_set("captions_exclude_domains", { "auth." .. base_domain });
 local async_transcription = module:get_option_boolean("captions_async_transcription", false);
+-- Turn the videobridge's audio export on through the room metadata whenever this
+-- module has captions or a transcript on in a room (see set_export below).
+local export_audio = module:get_option_boolean("captions_videobridge_export", true);
+-- Multi-tenant deployments: the client-side room JID room@conference.TENANT.BASE
+-- is [TENANT]room@conference.BASE inside Prosody (jitsi-meet's muc_domain_mapper
+-- and util.lib.lua room_jid_match_rewrite use the same two options).
+local mapper_base = module:get_option_string("muc_mapper_domain_base", base_domain);
+local mapper_prefix = module:get_option_string("muc_mapper_domain_prefix", module.host:match("^([^.]+)%.") or "conference");
 local health_interval = module:get_option_number("captions_health_check_interval", 15) or 15;
 if health_interval ~= 0 then
 	health_interval = number_option("captions_health_check_interval", 15, 1, 3600);
@@ -417,7 +444,7 @@ local function new_state(room)
 		room = room,
 		people = {},          -- occupant nick -> { id, name, avatar, counted, requesting, lang, lang_seq, tlang }
 		count = 0,            -- counted participants (not focus, hidden, transcriber or excluded domains)
-		sources = { transcription = {}, captions = {} }, -- "dial" | "auto" | "metadata" -> true
+		sources = { transcription = {}, captions = {} }, -- "dial" | "auto" | "metadata" | "api" -> true
 		stop_reason = {},     -- kind -> StopReason of the next stop
 		pinned = {},          -- kind -> true: the sidecar refused to stop it (automatic trigger)
 		applied = { transcription = false, captions = false },
@@ -436,6 +463,9 @@ local function new_state(room)
 		busy = false,
 		dirty = false,
 		failed = false,
+		export_on = false,    -- this module has turned the videobridge export on
+		export_prev_async = nil, -- asyncTranscription before it did
+		user_metadata = nil,  -- recording.isTranscribingEnabled as a client (or another module) last set it
 	};
 end
 
@@ -466,6 +496,59 @@ end
 
 local function wants_any(state)
 	return wants(state, "transcription") or wants(state, "captions");
+end
+
+local function copy_table(t)
+	local c = {};
+	if type(t) == "table" then
+		for k, v in pairs(t) do c[k] = v; end
+	end
+	return c;
+end
+
+-- The videobridge export, the way Jicofo expects it. Jicofo opens the bridge's
+-- WebSocket to jicofo.transcription.url-template only while the room metadata
+-- has both asyncTranscription and recording.isTranscribingEnabled true
+-- (jicofo ChatRoomImpl.doSetRoomMetadata -> transcribingEnabledChanged), and it
+-- reads the metadata only from the room_metadata component's broadcast
+-- (jicofo RoomMetadataHandler.kt), which that component sends on
+-- "room-metadata-changed" (jitsi-meet mod_room_metadata_component.lua).
+-- transcription.urlParams are appended to the URL by Jicofo
+-- (TranscriptionConfig.processTranscriptionMetadata); "room" lets the sidecar
+-- put the socket in this room at once. Clients cannot set asyncTranscription
+-- or transcription (the component's blocked keys), so only servers do this.
+-- Without this, a dial answered here brings the transcriber but no audio.
+local function set_export(state, on)
+	if not export_audio or state.destroyed or state.export_on == on then return; end
+	local room = state.room;
+	local md = type(room.jitsiMetadata) == "table" and room.jitsiMetadata or {};
+	room.jitsiMetadata = md;
+	local rec = copy_table(md.recording);
+	if on then
+		state.export_prev_async = md.asyncTranscription;
+		md.asyncTranscription = true;
+		rec.isTranscribingEnabled = true;
+		local tr = copy_table(md.transcription);
+		local params = copy_table(tr.urlParams);
+		params.room = state.jid;
+		tr.urlParams = params;
+		md.transcription = tr;
+	else
+		rec.isTranscribingEnabled = false;
+		if not async_transcription then
+			md.asyncTranscription = state.export_prev_async;
+		end
+	end
+	md.recording = rec;
+	state.export_on = on;
+	module:log("info", "%s the videobridge audio export of %q (room metadata)", on and "Turning on" or "Turning off",
+		state.jid);
+	state.writing_metadata = true;
+	local ok, err = pcall(module.fire_event, module, "room-metadata-changed", { room = room });
+	state.writing_metadata = false;
+	if not ok then
+		module:log("error", "room-metadata-changed for %q failed: %s", state.jid, tostring(err));
+	end
 end
 
 local function update_engaged_gauge()
@@ -727,7 +810,18 @@ local function pass_done(state)
 	end
 end
 
+-- The export follows what the sidecar has on: off at once when nothing is
+-- wanted any more, on once a start has been confirmed (so the bridge's socket
+-- finds the room there).
+local function sync_export(state)
+	local on = state.engaged and wants_any(state) and (state.applied.captions or state.applied.transcription);
+	set_export(state, on and true or false);
+end
+
 function reconcile(state)
+	if not wants_any(state) then
+		set_export(state, false);
+	end
 	if state.busy then
 		state.dirty = true;
 		return;
@@ -745,6 +839,7 @@ function reconcile(state)
 		local call = next_call(state);
 		if not call then
 			state.busy, state.failed = false, false;
+			sync_export(state);
 			if #state.waiters > 0 then
 				-- nothing left to start (the dialer left, the room ended...)
 				answer_waiters(state, state.applied.captions and { ok = true }
@@ -760,6 +855,7 @@ function reconcile(state)
 			return pass_done(state);
 		end
 		sidecar_call(call.method, call.msg, function (result)
+			state.last_call_done = time_now();
 			if result.ok and call.method ~= "EndRoom" then
 				state.known = true;
 			end
@@ -770,6 +866,7 @@ function reconcile(state)
 			module:log("warn", "%s for %q failed: %s %q", call.method, state.jid,
 				tostring(result.status_name), tostring(result.status_message));
 			state.busy, state.failed = false, true;
+			sync_export(state);
 			answer_waiters(state, { text = failure_text(call.method, result) });
 			if not state.known and not next(state.uncertain) and not wants_any(state) then
 				-- the sidecar never had this room: nothing to retry
@@ -841,16 +938,21 @@ local function evaluate(state)
 			state.sources[kind].auto = true;
 		end
 	end
-	local meta = async_transcription and state.count > 0 and p.transcription ~= "disabled"
-		and metadata_transcribing(state.room);
-	if meta and not state.sources.transcription.metadata then
-		module:log("info", "Room metadata turns transcription on in %q", state.jid);
-		state.sources.transcription.metadata = true;
-	elseif not meta and state.sources.transcription.metadata then
-		module:log("info", "Room metadata turns transcription off in %q", state.jid);
-		state.sources.transcription.metadata = nil;
-		if not next(state.sources.transcription) then
-			state.stop_reason.transcription = "STOP_REASON_USER";
+	-- recording.isTranscribingEnabled as a participant set it (the recording
+	-- dialog's transcription switch, or the CC button with asyncTranscription):
+	-- a transcript, and the captions that Jitsi shows from the same results
+	local meta = state.user_metadata == true and state.count > 0;
+	for _, kind in ipairs(KINDS) do
+		local on = meta and p[kind] ~= "disabled";
+		if on and not state.sources[kind].metadata then
+			module:log("info", "Room metadata turns %s on in %q", kind, state.jid);
+			state.sources[kind].metadata = true;
+		elseif not on and state.sources[kind].metadata then
+			module:log("info", "Room metadata turns %s off in %q", kind, state.jid);
+			state.sources[kind].metadata = nil;
+			if not next(state.sources[kind]) then
+				state.stop_reason[kind] = "STOP_REASON_USER";
+			end
 		end
 	end
 end
@@ -945,6 +1047,32 @@ local function on_presence(event)
 end
 
 module:hook("muc-broadcast-presence", on_presence);
+
+-- The transcriber gets into locked and members-only (lobby) rooms: it joins
+-- as Jigasi did, for a meeting whose moderator asked for it. Priority 30: before
+-- Prosody's password check (-20) and members-only check (-5), and before
+-- jitsi-meet's lobby and password-whitelist modules, which do the same for the
+-- domains in muc_lobby_whitelist / muc_password_whitelist.
+module:hook("muc-occupant-pre-join", function (event)
+	local room, stanza = event.room, event.stanza;
+	if jid_bare(stanza.attr.from) ~= transcriber_jid then return; end
+	if room:get_members_only() and not room:get_affiliation(transcriber_jid) then
+		room:set_affiliation(true, transcriber_jid, "member");
+	end
+	local password = room:get_password();
+	if password then
+		local x = stanza:get_child("x", MUC_NS);
+		if not x then
+			stanza:tag("x", { xmlns = MUC_NS }):up();
+			x = stanza:get_child("x", MUC_NS);
+		end
+		x:maptags(function (tag)
+			if tag.name == "password" then return nil; end
+			return tag;
+		end);
+		x:text_tag("password", password, { xmlns = MUC_NS });
+	end
+end, 30);
 module:hook("muc-occupant-joined", on_presence);
 
 module:hook("muc-occupant-left", function (event)
@@ -995,11 +1123,34 @@ module:hook("muc-room-destroyed", function (event)
 	reconcile(state);
 end);
 
+-- recording.isTranscribingEnabled changed by someone else than this module:
+-- on asks for a transcript (and captions); off turns off what a dial or the
+-- metadata turned on (Jicofo closes the export then, so captions could not go on)
+local function metadata_intent(state, on)
+	if state.user_metadata == on then return; end
+	state.user_metadata = on;
+	if not on then
+		remove_source(state, "dial", "STOP_REASON_USER");
+		state.requested_seen, state.dial_confirmed = false, false;
+	end
+end
+
 local function on_metadata(event)
 	local room = event.room;
 	if not room then return; end
 	local state = get_state(room);
-	if not state then return; end
+	if not state or state.writing_metadata then return; end
+	local on = metadata_transcribing(room);
+	if event.key ~= nil or event.actor ~= nil then
+		-- a client's update through the room_metadata component
+		if event.key == "recording" then
+			metadata_intent(state, on);
+		end
+	elseif on ~= state.export_on then
+		-- another module changed the metadata: an isTranscribingEnabled that is
+		-- not what this module last wrote is someone's intent
+		metadata_intent(state, on);
+	end
 	evaluate(state);
 	reconcile(state);
 end
@@ -1011,13 +1162,38 @@ module:hook("jitsi-metadata-updated", on_metadata);
 -- The dial IQ
 --------------------------------------------------------------------------------
 
-local function feature_verdict(origin)
+-- As jitsi-meet's util.lib.lua is_feature_allowed(ft, features, granted_features,
+-- is_moderator): a token's features table decides when there is one (a missing
+-- key is a no), else the features granted to the session, else the role.
+local function transcription_allowed(origin, occupant)
+	local function yes(v) return v == true or v == "true"; end
 	local features = origin and origin.jitsi_meet_context_features;
-	if type(features) ~= "table" then return nil; end
-	local v = features.transcription;
-	if v == true or v == "true" then return true; end
-	if v == false or v == "false" then return false; end
-	return nil;
+	if type(features) == "table" then
+		return yes(features.transcription), "your token does not allow transcription";
+	end
+	local granted = origin and origin.granted_jitsi_meet_context_features;
+	if type(granted) == "table" then
+		return yes(granted.transcription), "transcription is not granted to you";
+	end
+	return occupant.role == "moderator", "only moderators can start transcription";
+end
+
+local function pattern_escape(s)
+	return (s:gsub("[%^%$%(%)%%%.%[%]%*%+%-%?]", "%%%0"));
+end
+
+-- JvbRoomName is the client-side JID; in multi-tenant deployments
+-- room@conference.TENANT.BASE stands for [TENANT]room@conference.BASE here
+-- (jitsi-meet mod_filter_iq_rayo compares it through room_jid_match_rewrite).
+local tenant_host_pattern = "^" .. pattern_escape(mapper_prefix) .. "%.(.+)%." .. pattern_escape(mapper_base) .. "$";
+local function internal_room_jid(room_jid)
+	local node, host = jid_split(room_jid);
+	if not node or host == module.host then return room_jid; end
+	local tenant = host:match(tenant_host_pattern);
+	if tenant and module.host == mapper_prefix .. "." .. mapper_base and not node:find("^%[") then
+		return "[" .. tenant .. "]" .. node .. "@" .. module.host;
+	end
+	return room_jid;
 end
 
 local function transcriber_in(room)
@@ -1056,18 +1232,17 @@ local function handle_dial(origin, stanza, dial, room_jid)
 	if not occupant then
 		return refuse(origin, stanza, "forbidden", "only occupants of the room can ask for transcription", "forbidden");
 	end
-	if named ~= room.jid then
+	if internal_room_jid(named) ~= room.jid then
 		module:log("warn", "Dial from %q in %q names another room: %q", tostring(from), room.jid, room_name);
 		return refuse(origin, stanza, "forbidden", "JvbRoomName does not name your room", "forbidden");
 	end
-	-- as jitsi-meet's is_feature_allowed: a token's "transcription" feature
-	-- decides when present; without one, moderators may
-	local verdict = feature_verdict(origin);
-	if verdict == false or (verdict == nil and occupant.role ~= "moderator") then
-		return refuse(origin, stanza, "forbidden",
-			verdict == false and "your token does not allow transcription"
-			or "only moderators can start transcription", "forbidden");
+	local allowed, why = transcription_allowed(origin, occupant);
+	if not allowed then
+		return refuse(origin, stanza, "forbidden", why, "forbidden");
 	end
+	-- JvbRoomPassword (lib-jitsi-meet sends it for locked rooms) was what Jigasi
+	-- joined with; the transcriber is let in server-side (muc-occupant-pre-join
+	-- below), so the password is neither needed nor kept.
 
 	local state = get_state(room);
 	if not state then
@@ -1168,6 +1343,7 @@ local function health_check()
 	if not any and orphan_ticks < 4 then return; end
 	orphan_ticks = 0;
 	checking = true;
+	local asked_at = time_now();
 	sidecar_call("ListRooms", {}, function (result)
 		checking = false;
 		if not result.ok then
@@ -1182,8 +1358,19 @@ local function health_check()
 		for _, state in pairs(rooms) do
 			if not state.busy then
 				local status = there[state.jid:lower()];
+				-- what the sidecar says an operator should act on (no audio from
+				-- the videobridge, the transcriber's join refused), once per text
+				local warning = status and status.warning or "";
+				if warning ~= "" and warning ~= state.warned then
+					module:log("warn", "Sidecar on %q: %s", state.jid, warning);
+				end
+				state.warned = warning ~= "" and warning or nil;
+				-- an answer about the room as it was before this module's last call is stale
+				local fresh = (state.last_call_done or 0) < asked_at;
+				local was_uncertain, followed = {}, false;
 				for _, kind in ipairs(KINDS) do
 					if state.uncertain[kind] then
+						was_uncertain[kind] = true;
 						state.uncertain[kind] = nil;
 						local on = status and (kind == "captions" and status.captioning or kind == "transcription"
 							and status.transcribing);
@@ -1192,6 +1379,25 @@ local function health_check()
 							state.applied[kind], state.known, state.failed = true, true, true;
 						end
 					end
+				end
+				-- started or stopped through the sidecar's own API: follow it, so the
+				-- export (audio) and the roster come with it
+				for _, kind in ipairs(KINDS) do
+					local on = status and (kind == "captions" and status.captioning or kind == "transcription"
+						and status.transcribing) or false;
+					if on and fresh and not was_uncertain[kind] and not wants(state, kind) and not state.end_pending
+						and state.count > 0 then
+						module:log("info", "%s in %q was started through the sidecar's API; following it", kind, state.jid);
+						state.sources[kind].api, state.applied[kind], state.known = true, true, true;
+						state.engaged, followed = true, true;
+						update_engaged_gauge();
+					elseif not on and fresh and state.sources[kind].api then
+						state.sources[kind].api, state.applied[kind], followed = nil, false, true;
+					end
+				end
+				if followed then
+					-- roster, settings and the export follow
+					reconcile(state);
 				end
 				if state.engaged and wants_any(state) then
 					if not status then
