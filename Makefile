@@ -1,10 +1,10 @@
-# Targets: install, demo, serve, test, test-fast, test-prosody13, lint, bench, proto, dashboards, ansible-test
+# Targets: install, demo, serve, test, test-fast, test-prosody13, lint, bench, bench-delivery, proto, dashboards, ansible-test
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 SILERO_VAD := silero-vad==6.2.3
 
-.PHONY: install demo serve test test-fast test-prosody13 lint bench proto dashboards ansible-test clean
+.PHONY: install demo serve test test-fast test-prosody13 lint bench bench-delivery proto dashboards ansible-test clean
 
 install: $(VENV)/.installed
 
@@ -56,6 +56,13 @@ lint: install
 bench: install
 	$(PY) bench/conference.py --out docs/benchmarks.md
 	$(PY) bench/run.py --out docs/benchmarks.md
+
+# the same speech as Jigasi, 0.2/1/2 s chunks and jittered bursts deliver it:
+# in process, then through the Jigasi endpoint of a sidecar of its own
+# (bench/jigasi.py --url ws://HOST/streaming-whisper/ws --token T for any other)
+bench-delivery: install
+	$(PY) bench/delivery.py
+	$(PY) bench/jigasi.py --spawn --all
 
 # Grafana dashboards and Prometheus alert rules, from dashboards/generate.py
 dashboards: install
