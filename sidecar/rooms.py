@@ -30,12 +30,19 @@ from sidecar.config import (
     resolve,
 )
 from sidecar.counters import flush_all
-from sidecar.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from sidecar.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    clip,
+)
 from sidecar.events import Caption, Frame, TranscriptEntry
 from sidecar.pipeline.segmenter import SegmenterConfig
 from sidecar.pipeline.speaker import FRAMES_DROPPED, GateConfig, SpeakerPipeline
 from sidecar.pipeline.vad import SileroVad
-from sidecar.store.base import TranscriptStore, TranscriptWriter
+from sidecar.store.base import StoreError, TranscriptStore, TranscriptWriter
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,16 @@ SPEAKERS_ACTIVE = Gauge("captions_speaker_pipelines", "Speaker pipelines alive")
 TRANSCRIPT_ERRORS = Counter(
     "captions_transcript_write_errors_total", "Finals that could not be written"
 )
+TRANSCRIPTS_FAILING = Gauge(
+    "captions_transcripts_failing",
+    "Rooms whose transcript cannot be written (disk full, read-only); their captions go on",
+)
+TRANSCRIPT_STORE_ERRORS = Counter(
+    "captions_transcript_store_errors_total",
+    "Transcript store operations that failed, by operation (open, append, close)",
+    ["op"],
+)
+UNWRITTEN_MAX = 10_000  # finals a failing transcript keeps in memory to write later
 DRAIN_TIMEOUT = 30.0  # seconds a stop waits for the last finals
 INGEST_SOURCES = ("videobridge", "jigasi")
 SUBSCRIBER_DROPS = Counter(
@@ -154,6 +171,9 @@ class Room:
     ingest_connections: int = 0  # open videobridge / Jigasi sockets
     last_audio: float = field(default_factory=time.monotonic)
     source: str = ""  # who started it: "videobridge", "jigasi", or a control API caller
+    # why the transcript cannot be written now ("" when it can); captions go on
+    transcript_error: str = ""
+    unwritten: list[TranscriptEntry] = field(default_factory=list)  # finals to write again
 
     @property
     def active(self) -> bool:
@@ -354,7 +374,17 @@ class RoomManager:
             r.source = requested_by
             r.last_audio = time.monotonic()
         if kind == "transcription" and not r.transcribing:
-            r.writer = await asyncio.to_thread(self.store.open, r.name, language=eff.language)
+            try:
+                r.writer = await asyncio.to_thread(self.store.open, r.name, language=eff.language)
+            except (StoreError, OSError) as e:
+                # captions need no disk: the caller (or the ingest's fallback)
+                # still gets them, and the room's status says what is wrong
+                self._transcript_failed(r, "open", e)
+                raise Unavailable(
+                    f"the transcript of room {r.name} cannot be written ({clip(str(e), 200)}); "
+                    "captions work without it"
+                ) from e
+            self._transcript_ok(r)
             r.transcribing = True
             log.info("room %s: transcription on (%s) -> %s", r.name, requested_by, r.writer.id)
         elif kind == "captions" and not r.captioning:
@@ -397,8 +427,35 @@ class RoomManager:
             writer, r.writer = r.writer, None
             if writer is not None:
                 async with r.write_lock:
-                    meta = await asyncio.to_thread(writer.close)
-                log.info("room %s: transcript %s saved (%d entries)", r.name, meta.id, meta.entries)
+                    await self._write_unwritten(r, writer)
+                    lost = len(r.unwritten)
+                    r.unwritten.clear()
+                    try:
+                        # finals it could not take make it incomplete
+                        meta = await asyncio.to_thread(writer.close, lost == 0)
+                    except (StoreError, OSError) as e:
+                        self._transcript_failed(r, "close", e)
+                        log.warning(
+                            "room %s: transcript %s could not be finished (%s); what it "
+                            "holds stays on disk and is finished at the next start",
+                            r.name,
+                            writer.id,
+                            clip(str(e), 200),
+                        )
+                    else:
+                        log.info(
+                            "room %s: transcript %s saved (%d entries)",
+                            r.name,
+                            meta.id,
+                            meta.entries,
+                        )
+                    if lost:
+                        log.error(
+                            "room %s: %d finals could not be written to transcript %s",
+                            r.name,
+                            lost,
+                            writer.id,
+                        )
         else:
             r.captioning = False
         ROOMS_ACTIVE.set(sum(1 for x in self.rooms.values() if x.active))
@@ -447,6 +504,8 @@ class RoomManager:
         r.subscribers.clear()
         if self.rooms.get(r.name) is r:
             del self.rooms[r.name]
+        if r.transcript_error:
+            TRANSCRIPTS_FAILING.set(sum(1 for x in self.rooms.values() if x.transcript_error))
         for ssrc in [k for k, v in self.ssrcs.items() if v[0] == r.name]:
             del self.ssrcs[ssrc]
         if r.meeting_id and self.meetings.get(r.meeting_id) == r.name:
@@ -658,14 +717,54 @@ class RoomManager:
             )
             writer = r.writer
             async with r.write_lock:
-                try:
-                    await asyncio.to_thread(writer.append, entry)
-                except Exception:
-                    TRANSCRIPT_ERRORS.inc()
-                    log.exception("room %s: transcript write failed", r.name)
+                r.unwritten.append(entry)
+                await self._write_unwritten(r, writer)
         if r.live:
             FINAL_LATENCY.observe(max(0.0, (time.time() * 1000 - cap.end_time_ms) / 1000))
         self._publish(r, cap)
+
+    async def _write_unwritten(self, r: Room, writer: TranscriptWriter) -> None:
+        """Write the finals waiting for the disk, oldest first (under ``write_lock``).
+
+        A disk that refuses them keeps them in memory (at most
+        ``UNWRITTEN_MAX``) for the next final or the close to try again.
+        """
+        if not r.unwritten:
+            return
+
+        def write() -> Exception | None:
+            while r.unwritten:
+                try:
+                    writer.append(r.unwritten[0])
+                except Exception as e:  # StoreError, or a bug: the captions go on
+                    return e
+                del r.unwritten[0]
+            return None
+
+        err = await asyncio.to_thread(write)
+        if err is None:
+            self._transcript_ok(r)
+            return
+        TRANSCRIPT_ERRORS.inc()
+        self._transcript_failed(r, "append", err)
+        if len(r.unwritten) > UNWRITTEN_MAX:
+            dropped = len(r.unwritten) - UNWRITTEN_MAX
+            del r.unwritten[:dropped]
+            log.error("room %s: %d finals lost: the transcript cannot be written", r.name, dropped)
+
+    def _transcript_failed(self, r: Room, op: str, e: BaseException) -> None:
+        TRANSCRIPT_STORE_ERRORS.labels(op).inc()
+        if not r.transcript_error:
+            # once per outage, not once per final
+            log.warning("room %s: transcript %s failed: %s", r.name, op, clip(str(e), 300))
+        r.transcript_error = f"transcript {op} failed: {clip(str(e), 300)}"
+        TRANSCRIPTS_FAILING.set(sum(1 for x in self.rooms.values() if x.transcript_error))
+
+    def _transcript_ok(self, r: Room) -> None:
+        if r.transcript_error:
+            log.info("room %s: the transcript is written again", r.name)
+            r.transcript_error = ""
+            TRANSCRIPTS_FAILING.set(sum(1 for x in self.rooms.values() if x.transcript_error))
 
     def _publish(self, r: Room, cap: Caption) -> None:
         r.captions_sent += 1

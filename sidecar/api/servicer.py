@@ -120,6 +120,7 @@ class CaptionsService(pb_grpc.CaptionsServicer):
             active_speakers=sum(1 for s in r.speakers.values() if s.seg.in_speech),
             captions_sent=r.captions_sent,
             trigger=trigger_to_proto(r.trigger),
+            transcript_error=r.transcript_error,
         )
 
     @staticmethod

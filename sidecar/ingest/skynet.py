@@ -50,6 +50,7 @@ from sidecar.errors import (
     NotFound,
     ResourceExhausted,
     ServiceError,
+    Unavailable,
 )
 from sidecar.events import Caption, Frame
 from sidecar.ingest.common import CloseConnection, TokenBucket
@@ -546,7 +547,12 @@ class SkynetEndpoint:
                     existing.transcribing if kind == "transcription" else existing.captioning
                 ):
                     continue
-                await self.rooms.start(room, kind, settings, requested_by=REQUESTED_BY)
+                try:
+                    await self.rooms.start(room, kind, settings, requested_by=REQUESTED_BY)
+                except Unavailable:
+                    if kind == "captions":
+                        raise
+                    # the transcript cannot be written: captions need no disk
         except InvalidArgument as e:
             return web.Response(status=400, text=f"{e}\n")
         except FailedPrecondition as e:

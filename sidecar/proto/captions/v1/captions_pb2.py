@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61ptions/v1/captions.proto\x12\x0b\x63\x61ptions.v1\"\xdf\x03\n\x08Settings\x12\x15\n\x08language\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x32\n\x12transcription_mode\x18\x02 \x01(\x0e\x32\x11.captions.v1.ModeH\x01\x88\x01\x01\x12-\n\rcaptions_mode\x18\x03 \x01(\x0e\x32\x11.captions.v1.ModeH\x02\x88\x01\x01\x12*\n\x07trigger\x18\x04 \x01(\x0e\x32\x14.captions.v1.TriggerH\x03\x88\x01\x01\x12\"\n\x15max_speech_caption_ms\x18\x05 \x01(\rH\x04\x88\x01\x01\x12 \n\x13silence_duration_ms\x18\x06 \x01(\rH\x05\x88\x01\x01\x12\x1c\n\x0finterim_results\x18\x07 \x01(\x08H\x06\x88\x01\x01\x12\x15\n\x08provider\x18\x08 \x01(\tH\x07\x88\x01\x01\x12\x1d\n\x15translation_languages\x18\t \x03(\tB\x0b\n\t_languageB\x15\n\x13_transcription_modeB\x10\n\x0e_captions_modeB\n\n\x08_triggerB\x18\n\x16_max_speech_caption_msB\x16\n\x14_silence_duration_msB\x12\n\x10_interim_resultsB\x0b\n\t_provider\"\x96\x01\n\x0cStartRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\'\n\x08settings\x18\x02 \x01(\x0b\x32\x15.captions.v1.Settings\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\x12%\n\x07trigger\x18\x04 \x01(\x0e\x32\x14.captions.v1.Trigger\x12\x12\n\nmeeting_id\x18\x05 \x01(\t\"D\n\x0bStopRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\'\n\x06reason\x18\x02 \x01(\x0e\x32\x17.captions.v1.StopReason\"N\n\x15UpdateSettingsRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\'\n\x08settings\x18\x02 \x01(\x0b\x32\x15.captions.v1.Settings\"J\n\x0bParticipant\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\navatar_url\x18\x03 \x01(\t\x12\r\n\x05ssrcs\x18\x04 \x03(\r\"r\n\x13UpdateRosterRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12.\n\x0cparticipants\x18\x02 \x03(\x0b\x32\x18.captions.v1.Participant\x12\x0f\n\x07replace\x18\x03 \x01(\x08\x12\x0c\n\x04left\x18\x04 \x03(\t\"\x1b\n\x0bRoomRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"\xf2\x01\n\nRoomStatus\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x14\n\x0ctranscribing\x18\x02 \x01(\x08\x12\x12\n\ncaptioning\x18\x03 \x01(\x08\x12(\n\teffective\x18\x04 \x01(\x0b\x32\x15.captions.v1.Settings\x12\x15\n\rtranscript_id\x18\x05 \x01(\t\x12\x14\n\x0cparticipants\x18\x06 \x01(\r\x12\x17\n\x0f\x61\x63tive_speakers\x18\x07 \x01(\r\x12\x15\n\rcaptions_sent\x18\x08 \x01(\x04\x12%\n\x07trigger\x18\t \x01(\x0e\x32\x14.captions.v1.Trigger\"\x12\n\x10ListRoomsRequest\";\n\x11ListRoomsResponse\x12&\n\x05rooms\x18\x01 \x03(\x0b\x32\x17.captions.v1.RoomStatus\"\x96\x01\n\x0eTranscriptInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\x12\n\nstarted_at\x18\x03 \x01(\t\x12\x10\n\x08\x65nded_at\x18\x04 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x05 \x01(\r\x12\x10\n\x08\x63omplete\x18\x06 \x01(\x08\x12\x0f\n\x07\x66ormats\x18\x07 \x03(\t\x12\x10\n\x08language\x18\x08 \x01(\t\"5\n\x16ListTranscriptsRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"K\n\x17ListTranscriptsResponse\x12\x30\n\x0btranscripts\x18\x01 \x03(\x0b\x32\x1b.captions.v1.TranscriptInfo\"2\n\x14GetTranscriptRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"X\n\nTranscript\x12)\n\x04info\x18\x01 \x01(\x0b\x32\x1b.captions.v1.TranscriptInfo\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\"%\n\x17\x44\x65leteTranscriptRequest\x12\n\n\x02id\x18\x01 \x01(\t\"+\n\x18\x44\x65leteTranscriptResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\":\n\x10SubscribeRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x18\n\x10include_interims\x18\x02 \x01(\x08\"\x93\x02\n\x0c\x43\x61ptionEvent\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x16\n\x0eparticipant_id\x18\x02 \x01(\t\x12\x18\n\x10participant_name\x18\x03 \x01(\t\x12\x12\n\navatar_url\x18\x04 \x01(\t\x12\x12\n\nmessage_id\x18\x05 \x01(\t\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x12\n\nis_interim\x18\x07 \x01(\x08\x12\x11\n\tstability\x18\x08 \x01(\x01\x12\x10\n\x08language\x18\t \x01(\t\x12\x15\n\rstart_time_ms\x18\n \x01(\x03\x12\x13\n\x0b\x65nd_time_ms\x18\x0b \x01(\x03\x12\x14\n\x0ctimestamp_ms\x18\x0c \x01(\x03\x12\x12\n\nconfidence\x18\r \x01(\x01*U\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x11\n\rMODE_DISABLED\x10\x01\x12\x12\n\x0eMODE_AVAILABLE\x10\x02\x12\x10\n\x0cMODE_AUTO_ON\x10\x03*t\n\x07Trigger\x12\x17\n\x13TRIGGER_UNSPECIFIED\x10\x00\x12\x12\n\x0eTRIGGER_MANUAL\x10\x01\x12\x15\n\x11TRIGGER_AUTOMATIC\x10\x02\x12%\n!TRIGGER_AUTOMATIC_2ND_PARTICIPANT\x10\x03*^\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10STOP_REASON_USER\x10\x01\x12\x1d\n\x19STOP_REASON_NO_REQUESTERS\x10\x02\x32\xe9\x07\n\x08\x43\x61ptions\x12H\n\x12StartTranscription\x12\x19.captions.v1.StartRequest\x1a\x17.captions.v1.RoomStatus\x12\x46\n\x11StopTranscription\x12\x18.captions.v1.StopRequest\x1a\x17.captions.v1.RoomStatus\x12\x43\n\rStartCaptions\x12\x19.captions.v1.StartRequest\x1a\x17.captions.v1.RoomStatus\x12\x41\n\x0cStopCaptions\x12\x18.captions.v1.StopRequest\x1a\x17.captions.v1.RoomStatus\x12M\n\x0eUpdateSettings\x12\".captions.v1.UpdateSettingsRequest\x1a\x17.captions.v1.RoomStatus\x12I\n\x0cUpdateRoster\x12 .captions.v1.UpdateRosterRequest\x1a\x17.captions.v1.RoomStatus\x12<\n\x07\x45ndRoom\x12\x18.captions.v1.RoomRequest\x1a\x17.captions.v1.RoomStatus\x12\x42\n\rGetRoomStatus\x12\x18.captions.v1.RoomRequest\x1a\x17.captions.v1.RoomStatus\x12J\n\tListRooms\x12\x1d.captions.v1.ListRoomsRequest\x1a\x1e.captions.v1.ListRoomsResponse\x12\\\n\x0fListTranscripts\x12#.captions.v1.ListTranscriptsRequest\x1a$.captions.v1.ListTranscriptsResponse\x12K\n\rGetTranscript\x12!.captions.v1.GetTranscriptRequest\x1a\x17.captions.v1.Transcript\x12_\n\x10\x44\x65leteTranscript\x12$.captions.v1.DeleteTranscriptRequest\x1a%.captions.v1.DeleteTranscriptResponse\x12O\n\x11SubscribeCaptions\x12\x1d.captions.v1.SubscribeRequest\x1a\x19.captions.v1.CaptionEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61ptions/v1/captions.proto\x12\x0b\x63\x61ptions.v1\"\xdf\x03\n\x08Settings\x12\x15\n\x08language\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x32\n\x12transcription_mode\x18\x02 \x01(\x0e\x32\x11.captions.v1.ModeH\x01\x88\x01\x01\x12-\n\rcaptions_mode\x18\x03 \x01(\x0e\x32\x11.captions.v1.ModeH\x02\x88\x01\x01\x12*\n\x07trigger\x18\x04 \x01(\x0e\x32\x14.captions.v1.TriggerH\x03\x88\x01\x01\x12\"\n\x15max_speech_caption_ms\x18\x05 \x01(\rH\x04\x88\x01\x01\x12 \n\x13silence_duration_ms\x18\x06 \x01(\rH\x05\x88\x01\x01\x12\x1c\n\x0finterim_results\x18\x07 \x01(\x08H\x06\x88\x01\x01\x12\x15\n\x08provider\x18\x08 \x01(\tH\x07\x88\x01\x01\x12\x1d\n\x15translation_languages\x18\t \x03(\tB\x0b\n\t_languageB\x15\n\x13_transcription_modeB\x10\n\x0e_captions_modeB\n\n\x08_triggerB\x18\n\x16_max_speech_caption_msB\x16\n\x14_silence_duration_msB\x12\n\x10_interim_resultsB\x0b\n\t_provider\"\x96\x01\n\x0cStartRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\'\n\x08settings\x18\x02 \x01(\x0b\x32\x15.captions.v1.Settings\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\x12%\n\x07trigger\x18\x04 \x01(\x0e\x32\x14.captions.v1.Trigger\x12\x12\n\nmeeting_id\x18\x05 \x01(\t\"D\n\x0bStopRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\'\n\x06reason\x18\x02 \x01(\x0e\x32\x17.captions.v1.StopReason\"N\n\x15UpdateSettingsRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\'\n\x08settings\x18\x02 \x01(\x0b\x32\x15.captions.v1.Settings\"J\n\x0bParticipant\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\navatar_url\x18\x03 \x01(\t\x12\r\n\x05ssrcs\x18\x04 \x03(\r\"r\n\x13UpdateRosterRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12.\n\x0cparticipants\x18\x02 \x03(\x0b\x32\x18.captions.v1.Participant\x12\x0f\n\x07replace\x18\x03 \x01(\x08\x12\x0c\n\x04left\x18\x04 \x03(\t\"\x1b\n\x0bRoomRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"\x8c\x02\n\nRoomStatus\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x14\n\x0ctranscribing\x18\x02 \x01(\x08\x12\x12\n\ncaptioning\x18\x03 \x01(\x08\x12(\n\teffective\x18\x04 \x01(\x0b\x32\x15.captions.v1.Settings\x12\x15\n\rtranscript_id\x18\x05 \x01(\t\x12\x14\n\x0cparticipants\x18\x06 \x01(\r\x12\x17\n\x0f\x61\x63tive_speakers\x18\x07 \x01(\r\x12\x15\n\rcaptions_sent\x18\x08 \x01(\x04\x12%\n\x07trigger\x18\t \x01(\x0e\x32\x14.captions.v1.Trigger\x12\x18\n\x10transcript_error\x18\x0c \x01(\t\"\x12\n\x10ListRoomsRequest\";\n\x11ListRoomsResponse\x12&\n\x05rooms\x18\x01 \x03(\x0b\x32\x17.captions.v1.RoomStatus\"\x96\x01\n\x0eTranscriptInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\x12\n\nstarted_at\x18\x03 \x01(\t\x12\x10\n\x08\x65nded_at\x18\x04 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x05 \x01(\r\x12\x10\n\x08\x63omplete\x18\x06 \x01(\x08\x12\x0f\n\x07\x66ormats\x18\x07 \x03(\t\x12\x10\n\x08language\x18\x08 \x01(\t\"5\n\x16ListTranscriptsRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"K\n\x17ListTranscriptsResponse\x12\x30\n\x0btranscripts\x18\x01 \x03(\x0b\x32\x1b.captions.v1.TranscriptInfo\"2\n\x14GetTranscriptRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"X\n\nTranscript\x12)\n\x04info\x18\x01 \x01(\x0b\x32\x1b.captions.v1.TranscriptInfo\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\"%\n\x17\x44\x65leteTranscriptRequest\x12\n\n\x02id\x18\x01 \x01(\t\"+\n\x18\x44\x65leteTranscriptResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\":\n\x10SubscribeRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x18\n\x10include_interims\x18\x02 \x01(\x08\"\x93\x02\n\x0c\x43\x61ptionEvent\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x16\n\x0eparticipant_id\x18\x02 \x01(\t\x12\x18\n\x10participant_name\x18\x03 \x01(\t\x12\x12\n\navatar_url\x18\x04 \x01(\t\x12\x12\n\nmessage_id\x18\x05 \x01(\t\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x12\n\nis_interim\x18\x07 \x01(\x08\x12\x11\n\tstability\x18\x08 \x01(\x01\x12\x10\n\x08language\x18\t \x01(\t\x12\x15\n\rstart_time_ms\x18\n \x01(\x03\x12\x13\n\x0b\x65nd_time_ms\x18\x0b \x01(\x03\x12\x14\n\x0ctimestamp_ms\x18\x0c \x01(\x03\x12\x12\n\nconfidence\x18\r \x01(\x01*U\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x11\n\rMODE_DISABLED\x10\x01\x12\x12\n\x0eMODE_AVAILABLE\x10\x02\x12\x10\n\x0cMODE_AUTO_ON\x10\x03*t\n\x07Trigger\x12\x17\n\x13TRIGGER_UNSPECIFIED\x10\x00\x12\x12\n\x0eTRIGGER_MANUAL\x10\x01\x12\x15\n\x11TRIGGER_AUTOMATIC\x10\x02\x12%\n!TRIGGER_AUTOMATIC_2ND_PARTICIPANT\x10\x03*^\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10STOP_REASON_USER\x10\x01\x12\x1d\n\x19STOP_REASON_NO_REQUESTERS\x10\x02\x32\xe9\x07\n\x08\x43\x61ptions\x12H\n\x12StartTranscription\x12\x19.captions.v1.StartRequest\x1a\x17.captions.v1.RoomStatus\x12\x46\n\x11StopTranscription\x12\x18.captions.v1.StopRequest\x1a\x17.captions.v1.RoomStatus\x12\x43\n\rStartCaptions\x12\x19.captions.v1.StartRequest\x1a\x17.captions.v1.RoomStatus\x12\x41\n\x0cStopCaptions\x12\x18.captions.v1.StopRequest\x1a\x17.captions.v1.RoomStatus\x12M\n\x0eUpdateSettings\x12\".captions.v1.UpdateSettingsRequest\x1a\x17.captions.v1.RoomStatus\x12I\n\x0cUpdateRoster\x12 .captions.v1.UpdateRosterRequest\x1a\x17.captions.v1.RoomStatus\x12<\n\x07\x45ndRoom\x12\x18.captions.v1.RoomRequest\x1a\x17.captions.v1.RoomStatus\x12\x42\n\rGetRoomStatus\x12\x18.captions.v1.RoomRequest\x1a\x17.captions.v1.RoomStatus\x12J\n\tListRooms\x12\x1d.captions.v1.ListRoomsRequest\x1a\x1e.captions.v1.ListRoomsResponse\x12\\\n\x0fListTranscripts\x12#.captions.v1.ListTranscriptsRequest\x1a$.captions.v1.ListTranscriptsResponse\x12K\n\rGetTranscript\x12!.captions.v1.GetTranscriptRequest\x1a\x17.captions.v1.Transcript\x12_\n\x10\x44\x65leteTranscript\x12$.captions.v1.DeleteTranscriptRequest\x1a%.captions.v1.DeleteTranscriptResponse\x12O\n\x11SubscribeCaptions\x12\x1d.captions.v1.SubscribeRequest\x1a\x19.captions.v1.CaptionEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'captions.v1.captions_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODE']._serialized_start=2224
-  _globals['_MODE']._serialized_end=2309
-  _globals['_TRIGGER']._serialized_start=2311
-  _globals['_TRIGGER']._serialized_end=2427
-  _globals['_STOPREASON']._serialized_start=2429
-  _globals['_STOPREASON']._serialized_end=2523
+  _globals['_MODE']._serialized_start=2250
+  _globals['_MODE']._serialized_end=2335
+  _globals['_TRIGGER']._serialized_start=2337
+  _globals['_TRIGGER']._serialized_end=2453
+  _globals['_STOPREASON']._serialized_start=2455
+  _globals['_STOPREASON']._serialized_end=2549
   _globals['_SETTINGS']._serialized_start=44
   _globals['_SETTINGS']._serialized_end=523
   _globals['_STARTREQUEST']._serialized_start=526
@@ -52,29 +52,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROOMREQUEST']._serialized_start=1020
   _globals['_ROOMREQUEST']._serialized_end=1047
   _globals['_ROOMSTATUS']._serialized_start=1050
-  _globals['_ROOMSTATUS']._serialized_end=1292
-  _globals['_LISTROOMSREQUEST']._serialized_start=1294
-  _globals['_LISTROOMSREQUEST']._serialized_end=1312
-  _globals['_LISTROOMSRESPONSE']._serialized_start=1314
-  _globals['_LISTROOMSRESPONSE']._serialized_end=1373
-  _globals['_TRANSCRIPTINFO']._serialized_start=1376
-  _globals['_TRANSCRIPTINFO']._serialized_end=1526
-  _globals['_LISTTRANSCRIPTSREQUEST']._serialized_start=1528
-  _globals['_LISTTRANSCRIPTSREQUEST']._serialized_end=1581
-  _globals['_LISTTRANSCRIPTSRESPONSE']._serialized_start=1583
-  _globals['_LISTTRANSCRIPTSRESPONSE']._serialized_end=1658
-  _globals['_GETTRANSCRIPTREQUEST']._serialized_start=1660
-  _globals['_GETTRANSCRIPTREQUEST']._serialized_end=1710
-  _globals['_TRANSCRIPT']._serialized_start=1712
-  _globals['_TRANSCRIPT']._serialized_end=1800
-  _globals['_DELETETRANSCRIPTREQUEST']._serialized_start=1802
-  _globals['_DELETETRANSCRIPTREQUEST']._serialized_end=1839
-  _globals['_DELETETRANSCRIPTRESPONSE']._serialized_start=1841
-  _globals['_DELETETRANSCRIPTRESPONSE']._serialized_end=1884
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1886
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=1944
-  _globals['_CAPTIONEVENT']._serialized_start=1947
-  _globals['_CAPTIONEVENT']._serialized_end=2222
-  _globals['_CAPTIONS']._serialized_start=2526
-  _globals['_CAPTIONS']._serialized_end=3527
+  _globals['_ROOMSTATUS']._serialized_end=1318
+  _globals['_LISTROOMSREQUEST']._serialized_start=1320
+  _globals['_LISTROOMSREQUEST']._serialized_end=1338
+  _globals['_LISTROOMSRESPONSE']._serialized_start=1340
+  _globals['_LISTROOMSRESPONSE']._serialized_end=1399
+  _globals['_TRANSCRIPTINFO']._serialized_start=1402
+  _globals['_TRANSCRIPTINFO']._serialized_end=1552
+  _globals['_LISTTRANSCRIPTSREQUEST']._serialized_start=1554
+  _globals['_LISTTRANSCRIPTSREQUEST']._serialized_end=1607
+  _globals['_LISTTRANSCRIPTSRESPONSE']._serialized_start=1609
+  _globals['_LISTTRANSCRIPTSRESPONSE']._serialized_end=1684
+  _globals['_GETTRANSCRIPTREQUEST']._serialized_start=1686
+  _globals['_GETTRANSCRIPTREQUEST']._serialized_end=1736
+  _globals['_TRANSCRIPT']._serialized_start=1738
+  _globals['_TRANSCRIPT']._serialized_end=1826
+  _globals['_DELETETRANSCRIPTREQUEST']._serialized_start=1828
+  _globals['_DELETETRANSCRIPTREQUEST']._serialized_end=1865
+  _globals['_DELETETRANSCRIPTRESPONSE']._serialized_start=1867
+  _globals['_DELETETRANSCRIPTRESPONSE']._serialized_end=1910
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1912
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1970
+  _globals['_CAPTIONEVENT']._serialized_start=1973
+  _globals['_CAPTIONEVENT']._serialized_end=2248
+  _globals['_CAPTIONS']._serialized_start=2552
+  _globals['_CAPTIONS']._serialized_end=3553
 # @@protoc_insertion_point(module_scope)

@@ -366,6 +366,7 @@ class RoomStatus(_message.Message):
     ACTIVE_SPEAKERS_FIELD_NUMBER: _builtins.int
     CAPTIONS_SENT_FIELD_NUMBER: _builtins.int
     TRIGGER_FIELD_NUMBER: _builtins.int
+    TRANSCRIPT_ERROR_FIELD_NUMBER: _builtins.int
     room: _builtins.str
     transcribing: _builtins.bool
     captioning: _builtins.bool
@@ -375,6 +376,10 @@ class RoomStatus(_message.Message):
     active_speakers: _builtins.int
     captions_sent: _builtins.int
     trigger: Global___Trigger.ValueType
+    transcript_error: _builtins.str
+    """Why the room's transcript cannot be written now (the disk full or
+    read-only, in words); empty when it can. Captions go on without it.
+    """
     @_builtins.property
     def effective(self) -> Global___Settings:
         """fully resolved settings"""
@@ -391,10 +396,11 @@ class RoomStatus(_message.Message):
         active_speakers: _builtins.int = ...,
         captions_sent: _builtins.int = ...,
         trigger: Global___Trigger.ValueType = ...,
+        transcript_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["effective", b"effective"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_speakers", b"active_speakers", "captioning", b"captioning", "captions_sent", b"captions_sent", "effective", b"effective", "participants", b"participants", "room", b"room", "transcribing", b"transcribing", "transcript_id", b"transcript_id", "trigger", b"trigger"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_speakers", b"active_speakers", "captioning", b"captioning", "captions_sent", b"captions_sent", "effective", b"effective", "participants", b"participants", "room", b"room", "transcribing", b"transcribing", "transcript_error", b"transcript_error", "transcript_id", b"transcript_id", "trigger", b"trigger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

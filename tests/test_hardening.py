@@ -1,0 +1,189 @@
+"""Defects found by attacking the sidecar from loopback (issue 12), one test each.
+
+Each test is what an operator or a participant would notice, and each failed
+on the code before its fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from sidecar.engine import Engine
+from sidecar.errors import Unavailable
+from sidecar.events import Caption
+from sidecar.proto.captions.v1 import captions_pb2 as pb
+from sidecar.store.local import LocalDirStore
+from tests.test_api import TOKEN, connect, running_sidecar
+
+ROOM = "full@conference.example.com"
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+# -- a real full filesystem --------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_filesystem(where: Path, size_kb: int = 256) -> Iterator[Path]:
+    """A tmpfs of ``size_kb`` mounted at ``where`` (root only: skipped otherwise)."""
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k,mode=0755", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(fs: Path) -> Path:
+    """Write a file until the filesystem says ENOSPC; returns it (delete it to free space)."""
+    filler = fs / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    return filler
+
+
+def final(text: str, n: int) -> Caption:
+    # longer than a page: a full tmpfs refuses it even when a file's last page has room
+    text = " ".join([text] * 300)
+    return Caption(
+        room=ROOM,
+        participant_id="alice",
+        participant_name="Alice",
+        avatar_url="",
+        message_id=f"u{n}",
+        text=text,
+        is_interim=False,
+        stability=1.0,
+        language="en",
+        start_time_ms=1_700_000_000_000 + n * 2000,
+        end_time_ms=1_700_000_001_000 + n * 2000,
+        timestamp_ms=1_700_000_001_500 + n * 2000,
+    )
+
+
+async def test_a_full_disk_leaves_captions_on_and_says_so(tmp_path: Path) -> None:
+    with small_filesystem(tmp_path / "disk") as fs:
+        engine = Engine(fs / "store")
+        await engine.start(preload=False)
+        try:
+            fill(fs)
+            before = metric("captions_transcript_store_errors_total", op="open")
+            # what the videobridge handler does: each kind on its own
+            with pytest.raises(Unavailable) as refused:
+                await engine.rooms.start(ROOM, "transcription", requested_by="videobridge")
+            assert "captions work without it" in str(refused.value)
+            r = await engine.rooms.start(ROOM, "captions", requested_by="videobridge")
+            assert r.captioning and not r.transcribing
+            assert "ENOSPC" in r.transcript_error
+            assert metric("captions_transcripts_failing") >= 1
+            assert metric("captions_transcript_store_errors_total", op="open") == before + 1
+            got: list[Caption] = []
+            r.sinks.append(got.append)
+            await engine.rooms._persist_and_publish(r, final("Captions without a disk.", 1))
+            assert [c.message_id for c in got] == ["u1"]
+            await engine.rooms.end_room(ROOM)
+            assert ROOM not in engine.rooms.rooms
+        finally:
+            await engine.close()
+
+
+async def test_a_disk_that_fills_during_a_meeting_loses_no_final(tmp_path: Path) -> None:
+    with small_filesystem(tmp_path / "disk") as fs:
+        engine = Engine(fs / "store")
+        await engine.start(preload=False)
+        try:
+            r = await engine.rooms.start(ROOM, "transcription", requested_by="prosody")
+            await engine.rooms.start(ROOM, "captions", requested_by="prosody")
+            shown: list[Caption] = []
+            r.sinks.append(shown.append)
+            rooms = engine.rooms
+            await rooms._persist_and_publish(r, final("One before the disk filled.", 1))
+            filler = fill(fs)
+            await rooms._persist_and_publish(r, final("Two while it is full.", 2))
+            await rooms._persist_and_publish(r, final("Three while it is full.", 3))
+            # the participants saw every caption; the status says the transcript fails
+            assert [c.message_id for c in shown] == ["u1", "u2", "u3"]
+            assert "ENOSPC" in r.transcript_error
+            filler.unlink()  # the operator frees space
+            await rooms._persist_and_publish(r, final("Four after space was freed.", 4))
+            assert r.transcript_error == ""
+            tid = r.transcript_id
+            lines = engine.store.get(tid, "jsonl").decode().splitlines()
+            assert [json.loads(x)["message_id"] for x in lines] == ["u1", "u2", "u3", "u4"]
+            # full again when the meeting ends: the end works, nothing written is lost
+            await rooms._persist_and_publish(r, final("Five, the disk full again.", 5))
+            fill(fs)
+            await rooms.end_room(ROOM)
+            assert ROOM not in rooms.rooms
+        finally:
+            await engine.close()
+        # the next start finishes what could not be finished, from what was on disk
+        (fs / "filler").unlink()
+        recovered = LocalDirStore(fs / "store").recover()
+        assert [m.id for m in recovered] == [tid]
+        assert recovered[0].entries == 5 and not recovered[0].complete
+        txt = LocalDirStore(fs / "store").get(tid, "txt").decode()
+        assert "Five, the disk full again." in txt
+
+
+async def test_a_store_directory_that_is_gone_is_a_clear_status(tmp_path: Path) -> None:
+    """Without root: the store's directory replaced by a file (ENOTDIR from the OS)."""
+    engine = Engine(tmp_path / "store")
+    await engine.start(preload=False)
+    try:
+        os.rmdir(tmp_path / "store")
+        (tmp_path / "store").write_text("not a directory")
+        with pytest.raises(Unavailable) as refused:
+            await engine.rooms.start(ROOM, "transcription")
+        assert "ENOTDIR" in str(refused.value)
+        r = await engine.rooms.start(ROOM, "captions")
+        assert r.captioning and r.transcript_error
+    finally:
+        await engine.close()
+
+
+async def test_the_bridge_gets_captions_when_the_disk_is_full(tmp_path: Path) -> None:
+    """The whole chain: the videobridge's socket stays open, the status tells the operator."""
+    with small_filesystem(tmp_path / "disk") as fs:
+        async with running_sidecar(fs, preload=False) as sc:
+            fill(fs)
+            url = f"http://127.0.0.1:{sc.ports.http}/mediajson/m-full?room={ROOM}"
+            async with aiohttp.ClientSession() as session:
+                ws = await session.ws_connect(url, headers={"Authorization": f"Bearer {TOKEN}"})
+                await ws.send_str(json.dumps({"event": "ping", "id": 1}))
+                pong = await asyncio.wait_for(ws.receive(), 10)
+                assert pong.type == aiohttp.WSMsgType.TEXT, pong
+                for transport in ("grpc", "grpc-web"):
+                    async with connect(sc, transport) as api:
+                        st = await api.status(ROOM)
+                        assert st.captioning and not st.transcribing
+                        assert "ENOSPC" in st.transcript_error
+                        err = await api.error("StartTranscription", pb.StartRequest(room=ROOM))
+                        assert err.code == grpc.StatusCode.UNAVAILABLE
+                        assert "captions work without it" in err.details
+                await ws.close()
