@@ -174,6 +174,16 @@ class Room:
     # why the transcript cannot be written now ("" when it can); captions go on
     transcript_error: str = ""
     unwritten: list[TranscriptEntry] = field(default_factory=list)  # finals to write again
+    # a start, roster or settings call of the control API (Prosody) owns it:
+    # it is no longer only what an ingest socket asked for
+    claimed: bool = False
+    had_audio: bool = False  # a frame was accepted since it was switched on
+    ingest_seen: float = field(default_factory=time.monotonic)  # an ingest socket was open
+
+    @property
+    def provisional(self) -> bool:
+        """Started by an ingest socket alone (no start call of the control API)."""
+        return self.source in INGEST_SOURCES and not self.claimed
 
     @property
     def active(self) -> bool:
@@ -197,6 +207,8 @@ class RoomManager:
         max_subscribers_per_room: int = 20,
         gate: GateConfig | None = None,
         ingest_idle_end_s: float = 600.0,
+        provisional_grace_s: float = 5.0,
+        reserved_rooms: int | None = None,
     ) -> None:
         self.defaults = defaults
         self.store = store
@@ -214,6 +226,19 @@ class RoomManager:
         self._ticker: asyncio.Task[None] | None = None
         self.on_change: list[Callable[[Room, str], None]] = []
         self.ingest_idle_end_s = ingest_idle_end_s
+        # a room an ingest socket started, that never got audio, ends this
+        # long after its last socket went
+        self.provisional_grace_s = provisional_grace_s
+        # places under max_rooms that only the control API's starts may take,
+        # so sockets cycling meeting ids never lock real meetings out
+        self.reserved_rooms = (
+            reserved_rooms if reserved_rooms is not None else max(1, max_rooms // 10)
+        )
+        self.reserved_rooms = min(self.reserved_rooms, max(0, max_rooms - 1))
+        # rooms known without being on (subscriptions, rosters, settings ahead
+        # of a start): bounded for memory, never counted under max_rooms
+        self.max_idle_rooms = 4 * max_rooms + 100
+        self._last_provisional_check = time.monotonic()
         self._last_reap = time.monotonic()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -230,6 +255,9 @@ class RoomManager:
             if now - self._last_reap > 10:
                 self._last_reap = now
                 self._reap_idle_ingest_rooms(now)
+            if now - self._last_provisional_check >= 0.5:
+                self._last_provisional_check = now
+                self._reap_provisional_rooms(now)
             for room in list(self.rooms.values()):
                 if not room.live:
                     continue
@@ -247,7 +275,7 @@ class RoomManager:
         transcript open and a place under ``max_rooms`` for ever.
         """
         for r in list(self.rooms.values()):
-            if r.source not in INGEST_SOURCES or r.ingest_connections > 0 or not r.active:
+            if not r.provisional or r.ingest_connections > 0 or not r.active:
                 continue
             last = max((sp.last_arrival for sp in r.speakers.values()), default=r.last_audio)
             if now - max(last, r.last_audio) > self.ingest_idle_end_s:
@@ -255,6 +283,28 @@ class RoomManager:
                 task = asyncio.create_task(self._end_quietly(r.name))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+
+    def _reap_provisional_rooms(self, now: float) -> None:
+        """A room an ingest socket started that never carried audio ends
+        ``provisional_grace_s`` after its last socket went (a bridge that
+        disconnected without ``session-end``, a client cycling meeting ids)."""
+        for r in list(self.rooms.values()):
+            if r.ingest_connections > 0:
+                r.ingest_seen = now
+                continue
+            if not r.active and now - r.ingest_seen > 60:
+                self._forget_if_empty(r)  # a refused start's room
+                continue
+            if not r.provisional or r.had_audio or not r.active or r.lock.locked():
+                continue
+            if now - r.ingest_seen > self.provisional_grace_s:
+                log.info("room %s: its ingest socket went and no audio came; ending it", r.name)
+                self._end_in_background(r.name)
+
+    def _end_in_background(self, name: str) -> None:
+        task = asyncio.create_task(self._end_quietly(name))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _end_quietly(self, name: str) -> None:
         with contextlib.suppress(NotFound):
@@ -286,17 +336,73 @@ class RoomManager:
         except KeyError:
             raise NotFound(f"room {name!r} is not known to this sidecar") from None
 
-    def _room(self, room: str, create: bool = True) -> Room:
+    def _room(self, room: str, create: bool = True, *, for_start: bool = False) -> Room:
         name = canonical_room(room)
         r = self.rooms.get(name)
         if r is None:
             if not create:
                 raise NotFound(f"room {name!r} is not known to this sidecar")
-            if len(self.rooms) >= self.max_rooms:
-                raise ResourceExhausted(f"this sidecar serves at most {self.max_rooms} rooms")
+            # a start is bounded by max_rooms when it switches the room on
+            if not for_start and len(self.rooms) >= self.max_rooms + self.max_idle_rooms:
+                raise ResourceExhausted(
+                    f"this sidecar knows {len(self.rooms)} rooms already; start one first"
+                )
             r = Room(name=name, effective=self.defaults)
             self.rooms[name] = r
         return r
+
+    def _forget_if_empty(self, r: Room, *, keep_error: bool = False) -> None:
+        """A room that holds nothing (a refused start, a last subscriber gone) goes.
+
+        ``keep_error``: one whose transcript failed stays a while, so the
+        start of its captions that follows shows why (the ticker clears it).
+        """
+        if r.lock.locked() or self.rooms.get(r.name) is not r:
+            return
+        if keep_error and r.transcript_error:
+            return
+        if not (r.active or r.subscribers or r.roster_known or r.room_settings.set_fields()):
+            del self.rooms[r.name]
+            if r.transcript_error:
+                TRANSCRIPTS_FAILING.set(sum(1 for x in self.rooms.values() if x.transcript_error))
+
+    async def _make_place(self, r: Room, requested_by: str) -> None:
+        """A room about to go on needs a place under ``max_rooms``.
+
+        Ingest sockets (the videobridge, Jigasi) may fill all but
+        ``reserved_rooms`` places. When none is free, a provisional room
+        that never had audio and whose socket is gone is ended to make one;
+        for a control API start, one whose socket is still open too (its
+        bridge gets nothing more, as if its session had ended).
+        """
+        # a room on, or going on (its start waits for its transcript file)
+        on = [x for x in self.rooms.values() if x is not r and (x.active or x.lock.locked())]
+        ingest = requested_by in INGEST_SOURCES
+        full = len(on) >= self.max_rooms
+        if ingest and not full:
+            full = sum(1 for x in on if x.provisional) >= self.max_rooms - self.reserved_rooms
+        if not full:
+            return
+        idle = [
+            x for x in on if x.active and x.provisional and not x.had_audio and not x.lock.locked()
+        ]
+        victims = sorted(
+            (x for x in idle if not ingest or x.ingest_connections == 0),
+            key=lambda x: (x.ingest_connections, x.ingest_seen),
+        )
+        if not victims:
+            what = "rooms started by the videobridge or Jigasi" if ingest else "rooms"
+            raise ResourceExhausted(
+                f"this sidecar serves at most {self.max_rooms} rooms"
+                + (f" ({self.max_rooms - self.reserved_rooms} {what})" if ingest else "")
+            )
+        victim = victims[0]
+        log.warning(
+            "room %s: ended to make a place for room %s (it never had audio)",
+            victim.name,
+            r.name,
+        )
+        await self._end_quietly(victim.name)
 
     def _resolve(self, room: Room, start: RoomSettings | None = None) -> EffectiveSettings:
         try:
@@ -327,15 +433,18 @@ class RoomManager:
         meeting_id: str = "",
     ) -> Room:
         """Switch ``kind`` ("transcription" or "captions") on. Idempotent."""
-        r = self._room(room)
+        r = self._room(room, for_start=True)
         # one change at a time per room: a start must not interleave with a
         # stop that is still draining, or with the room being ended
-        async with r.lock:
-            if self.rooms.get(r.name) is not r:
-                r = self._room(room)  # it was ended meanwhile: a new one
-            return await self._start_locked(
-                r, kind, settings, trigger, requested_by, live, meeting_id
-            )
+        try:
+            async with r.lock:
+                if self.rooms.get(r.name) is not r:
+                    r = self._room(room, for_start=True)  # it was ended meanwhile: a new one
+                return await self._start_locked(
+                    r, kind, settings, trigger, requested_by, live, meeting_id
+                )
+        finally:
+            self._forget_if_empty(r, keep_error=True)
 
     async def _start_locked(
         self,
@@ -358,6 +467,11 @@ class RoomManager:
                 f"(configured: {sorted(self.recognizers)})"
             )
         was_active = r.active
+        if not was_active:
+            r.source = requested_by  # counted from now on, by whom it is for
+            await self._make_place(r, requested_by)
+        if requested_by not in INGEST_SOURCES:
+            r.claimed = True
         if meeting_id:
             if not _MEETING_RE.fullmatch(meeting_id):
                 raise InvalidArgument("meeting_id", "1..128 characters of [A-Za-z0-9._-]")
@@ -372,7 +486,8 @@ class RoomManager:
         if not was_active:
             r.trigger = trigger
             r.source = requested_by
-            r.last_audio = time.monotonic()
+            r.last_audio = r.ingest_seen = time.monotonic()
+            r.had_audio = False
         if kind == "transcription" and not r.transcribing:
             try:
                 r.writer = await asyncio.to_thread(self.store.open, r.name, language=eff.language)
@@ -520,6 +635,7 @@ class RoomManager:
         except SettingError as e:
             raise InvalidArgument(e.field, e.message) from e
         r.room_settings = r.room_settings.merged(validated)
+        r.claimed = True
         self._apply(r, self._resolve(r))
         await self._auto_start(r)
         return r
@@ -570,6 +686,7 @@ class RoomManager:
         for ssrc in [k for k, v in self.ssrcs.items() if v[0] == r.name and v[1] in gone]:
             del self.ssrcs[ssrc]
         r.roster_known = True
+        r.claimed = True
         for pid in gone:
             await self._drop_speaker(r, pid)
         await self._auto_start(r)
@@ -632,6 +749,7 @@ class RoomManager:
                 FRAMES_DROPPED.labels("too_many_speakers").inc()
                 return False
             sp = self._new_speaker(r, participant)
+        r.had_audio = True
         try:
             sp.push(frame)
         except Exception:
@@ -793,10 +911,7 @@ class RoomManager:
             return
         r.subscribers.discard(sub)
         # a room made only for a subscription leaves with its last subscriber
-        if r.lock.locked():
-            return  # a start is under way
-        if not (r.active or r.subscribers or r.roster_known or r.room_settings.set_fields()):
-            del self.rooms[r.name]
+        self._forget_if_empty(r)
 
 
 def _iso(ms: int) -> str:

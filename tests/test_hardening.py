@@ -14,6 +14,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -24,6 +25,7 @@ from sidecar.engine import Engine
 from sidecar.errors import Unavailable
 from sidecar.events import Caption
 from sidecar.proto.captions.v1 import captions_pb2 as pb
+from sidecar.proto.captions.v1 import captions_pb2_grpc as pb_grpc
 from sidecar.store.local import LocalDirStore
 from tests.test_api import TOKEN, connect, running_sidecar
 
@@ -187,3 +189,75 @@ async def test_the_bridge_gets_captions_when_the_disk_is_full(tmp_path: Path) ->
                         assert err.code == grpc.StatusCode.UNAVAILABLE
                         assert "captions work without it" in err.details
                 await ws.close()
+
+
+# -- rooms nobody asked for hold no capacity ---------------------------------------
+
+
+async def _bridge(session: aiohttp.ClientSession, base: str, meeting: str) -> Any:
+    """A videobridge export socket for ``meeting``; None when the sidecar refused it."""
+    ws = await session.ws_connect(
+        f"{base}/mediajson/{meeting}", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    await ws.send_str(json.dumps({"event": "ping", "id": 1}))
+    msg = await asyncio.wait_for(ws.receive(), 20)
+    if msg.type == aiohttp.WSMsgType.TEXT:
+        return ws
+    await ws.close()
+    return None
+
+
+async def test_sockets_cycling_meeting_ids_never_lock_out_a_real_meeting(tmp_path: Path) -> None:
+    async with running_sidecar(tmp_path, preload=False, CAPTIONS_LIMITS_MAX_ROOMS="10") as sc:
+        rooms = sc.rooms
+        assert rooms.reserved_rooms == 1
+        base = f"http://127.0.0.1:{sc.ports.http}"
+        async with aiohttp.ClientSession() as session:
+            socks = await asyncio.gather(*(_bridge(session, base, f"m{i}") for i in range(30)))
+            held = [ws for ws in socks if ws is not None]
+            # ingest sockets alone fill all but the reserved place
+            assert len(held) == 9
+            async with connect(sc, "grpc") as api:
+                for i in range(2):  # the reserved place, then one made by ending a silent room
+                    st = await api(
+                        "StartTranscription",
+                        pb.StartRequest(room=f"real{i}@conference.x", requested_by="prosody"),
+                    )
+                    assert st.transcribing
+                assert sum(1 for r in rooms.rooms.values() if r.active) == 10
+                # the bridges go without session-end: their rooms go within seconds
+                for ws in held:
+                    await ws.close()
+                deadline = asyncio.get_running_loop().time() + 30
+                while any(r.provisional for r in rooms.rooms.values()):
+                    assert asyncio.get_running_loop().time() < deadline, list(rooms.rooms)
+                    await asyncio.sleep(0.2)
+                assert sorted(rooms.rooms) == ["real0@conference.x", "real1@conference.x"]
+                # and their transcripts were closed
+                metas = await asyncio.to_thread(sc.store.list)
+                assert all(m.ended_at for m in metas if m.room.startswith("m"))
+
+
+async def test_subscriptions_to_unknown_rooms_hold_no_capacity(tmp_path: Path) -> None:
+    async with running_sidecar(tmp_path, preload=False, CAPTIONS_LIMITS_MAX_ROOMS="10") as sc:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{sc.ports.grpc}")
+        stub = pb_grpc.CaptionsStub(channel)
+        md = (("authorization", f"Bearer {TOKEN}"),)
+        calls = [
+            stub.SubscribeCaptions(pb.SubscribeRequest(room=f"nobody{i}@conference.x"), metadata=md)
+            for i in range(30)
+        ]
+        try:
+            deadline = asyncio.get_running_loop().time() + 20
+            while sum(len(r.subscribers) for r in sc.rooms.rooms.values()) < 30:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.05)
+            for i in range(10):
+                st = await stub.StartCaptions(
+                    pb.StartRequest(room=f"real{i}@conference.x"), metadata=md, timeout=10
+                )
+                assert st.captioning
+        finally:
+            for c in calls:
+                c.cancel()
+            await channel.close()
