@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import errno
 import json
+import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -261,3 +262,78 @@ async def test_subscriptions_to_unknown_rooms_hold_no_capacity(tmp_path: Path) -
             for c in calls:
                 c.cancel()
             await channel.close()
+
+
+# -- clients without a token hold nothing -------------------------------------------
+
+GRPCWEB_PATH = "/captions.v1.Captions/GetRoomStatus"
+
+
+def _post_head(length: int, token: str | None) -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return (
+        f"POST {GRPCWEB_PATH} HTTP/1.1\r\nHost: sidecar\r\n"
+        f"Content-Type: application/grpc-web+proto\r\n{auth}Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bytes:
+    """Everything the server sent until it closed the connection."""
+    async with asyncio.timeout(seconds):
+        return await reader.read(-1)
+
+
+async def test_half_sent_requests_are_cut_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sidecar.server.HEADER_TIMEOUT_S", 1.0)
+    monkeypatch.setattr("sidecar.server.BODY_TIMEOUT_S", 1.0)
+    async with running_sidecar(tmp_path, preload=False) as sc:
+        port = sc.ports.http
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(40)]
+        for i, (_, w) in enumerate(conns):
+            if i % 2:
+                w.write(b"POST /captions.v1.Captions/GetRoomStatus HTTP/1.1\r\nHost: x\r\n")
+            else:  # headers with the token, then a body that never comes
+                w.write(_post_head(1000, TOKEN) + b"\0\0\0")
+            await w.drain()
+        answers = await asyncio.gather(*(_closed_within(r, 20) for r, _ in conns))
+        for i, data in enumerate(answers):
+            if i % 2 == 0:
+                assert b"grpc-status: 4" in data.lower()  # DEADLINE_EXCEEDED, said why
+                assert b"did not arrive within" in data
+        for _, w in conns:
+            w.close()
+        # the listener still serves
+        async with connect(sc, "grpc-web") as api:
+            assert (await api("ListRooms", pb.ListRoomsRequest())).rooms == []
+
+
+async def test_a_wrong_token_is_refused_before_the_body(tmp_path: Path) -> None:
+    async with running_sidecar(tmp_path, preload=False) as sc:
+        for token in (None, "wrong"):
+            r, w = await asyncio.open_connection("127.0.0.1", sc.ports.http)
+            w.write(_post_head(4 * 1024 * 1024, token))  # announces 4 MB, sends none
+            await w.drain()
+            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+            assert b"grpc-status: 16" in head.lower(), head  # UNAUTHENTICATED
+            w.close()
+
+
+async def test_a_client_leaving_mid_body_is_one_quiet_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with running_sidecar(tmp_path, preload=False) as sc:
+        caplog.clear()
+        for _ in range(5):
+            r, w = await asyncio.open_connection("127.0.0.1", sc.ports.http)
+            w.write(_post_head(1000, TOKEN) + b"\0" * 10)
+            await w.drain()
+            await asyncio.sleep(0.2)
+            w.close()
+        await asyncio.sleep(1.0)
+        errors = [rec for rec in caplog.records if rec.levelname in ("ERROR", "CRITICAL")]
+        assert errors == []
+        left = [rec for rec in caplog.records if "left before its body" in rec.getMessage()]
+        assert len(left) == 5

@@ -25,7 +25,7 @@ from sidecar.config import (
     trigger_to_proto,
 )
 from sidecar.config import Trigger as TriggerEnum
-from sidecar.errors import InvalidArgument, ServiceError
+from sidecar.errors import InvalidArgument, ServiceError, clip
 from sidecar.events import Caption
 from sidecar.proto.captions.v1 import captions_pb2 as pb
 from sidecar.proto.captions.v1 import captions_pb2_grpc as pb_grpc
@@ -53,6 +53,13 @@ _STATUS = {
 
 
 def _error_status(e: Exception) -> tuple[grpc.StatusCode, str]:
+    code, message = _error_status_full(e)
+    # never a whole caller's value in the status: native metadata over 16 KB
+    # fails the call as RESOURCE_EXHAUSTED instead of the real error
+    return code, clip(message)
+
+
+def _error_status_full(e: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(e, ServiceError):
         return _STATUS.get(e.code, grpc.StatusCode.INTERNAL), str(e)
     if isinstance(e, SettingError):
@@ -93,6 +100,13 @@ class CaptionsService(pb_grpc.CaptionsServicer):
         self.rooms = rooms
         self.store = store
         self._token = token.encode()
+
+    def authorized_headers(self, headers: Any) -> bool:
+        """The token check on HTTP headers, for the gRPC-Web gateway to make
+        before it reads a request's body."""
+        value = headers.get("authorization", "")
+        presented = value[7:].strip().encode() if value[:7].lower() == "bearer " else b""
+        return bool(presented) and hmac.compare_digest(presented, self._token)
 
     async def _authenticate(self, context: Any) -> None:
         presented = b""
