@@ -13,6 +13,7 @@ import contextlib
 import logging
 import re
 import time
+import unicodedata
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,8 +36,10 @@ from sidecar.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    ServiceError,
     Unavailable,
     clip,
+    shown,
 )
 from sidecar.events import Caption, Frame, TranscriptEntry
 from sidecar.pipeline.segmenter import SegmenterConfig
@@ -83,13 +86,19 @@ _PARTICIPANT_RE = re.compile(r"[A-Za-z0-9._~\-]{1,64}")
 _MEETING_RE = re.compile(r"[A-Za-z0-9._\-]{1,128}")
 
 
+def _invisible(text: str) -> bool:
+    """Format, private-use, unassigned or separator characters: a room name
+    with U+202E (right-to-left override), U+200B or U+2066 reads as another."""
+    return any(unicodedata.category(ch)[0] in "CZ" for ch in text if ord(ch) > 0x7E)
+
+
 def canonical_room(room: str) -> str:
-    if not isinstance(room, str) or not _ROOM_RE.fullmatch(room):
+    if not isinstance(room, str) or not _ROOM_RE.fullmatch(room) or _invisible(room):
         raise InvalidArgument(
             "room",
             f"{room[:80]!r} is not a room name (ROOM or ROOM@conference.HOST; ROOM is "
-            "1..256 characters without spaces, control characters, quotes, slashes, "
-            "'<', '>', '&' or ':')",
+            "1..256 characters without spaces, control or invisible format characters, "
+            "quotes, slashes, '<', '>', '&' or ':')",
         )
     return room.lower()
 
@@ -174,8 +183,8 @@ class Room:
     # why the transcript cannot be written now ("" when it can); captions go on
     transcript_error: str = ""
     unwritten: list[TranscriptEntry] = field(default_factory=list)  # finals to write again
-    # a start, roster or settings call of the control API (Prosody) owns it:
-    # it is no longer only what an ingest socket asked for
+    # a start call of the control API (Prosody) owns it: it is no longer
+    # only what an ingest socket asked for
     claimed: bool = False
     had_audio: bool = False  # a frame was accepted since it was switched on
     ingest_seen: float = field(default_factory=time.monotonic)  # an ingest socket was open
@@ -635,7 +644,6 @@ class RoomManager:
         except SettingError as e:
             raise InvalidArgument(e.field, e.message) from e
         r.room_settings = r.room_settings.merged(validated)
-        r.claimed = True
         self._apply(r, self._resolve(r))
         await self._auto_start(r)
         return r
@@ -665,12 +673,11 @@ class RoomManager:
         left: list[str] | None = None,
     ) -> Room:
         r = self._room(room)
-        for p in participants:
-            if not valid_participant(p.id):
-                raise InvalidArgument(
-                    "participants.id",
-                    f"{p.id[:80]!r} is not an endpoint id ([A-Za-z0-9._~-]{{1,64}})",
-                )
+        try:
+            self._check_roster(r, participants)
+        except ServiceError:
+            self._forget_if_empty(r)
+            raise
         if replace:
             gone = set(r.roster) - {p.id for p in participants}
             r.roster = {}
@@ -686,11 +693,33 @@ class RoomManager:
         for ssrc in [k for k, v in self.ssrcs.items() if v[0] == r.name and v[1] in gone]:
             del self.ssrcs[ssrc]
         r.roster_known = True
-        r.claimed = True
         for pid in gone:
             await self._drop_speaker(r, pid)
         await self._auto_start(r)
         return r
+
+    def _check_roster(self, r: Room, participants: list[Participant]) -> None:
+        """Refuse the whole update, before any change, when it is not valid.
+
+        An SSRC already mapped in another live room is refused: plain RTP is
+        routed by SSRC alone, so taking it over would send that room's
+        speech into this one's captions and transcript. (Within one room a
+        newer mapping replaces the older: a participant who rejoined.)
+        """
+        for p in participants:
+            if not valid_participant(p.id):
+                raise InvalidArgument(
+                    "participants.id",
+                    f"{shown(p.id)} is not an endpoint id ([A-Za-z0-9._~-]{{1,64}})",
+                )
+            for ssrc in p.ssrcs[:16]:
+                owner = self.ssrcs.get(ssrc)
+                if owner is not None and owner[0] != r.name and owner[0] in self.rooms:
+                    raise FailedPrecondition(
+                        f"participants.ssrcs: SSRC {ssrc} of participant {p.id} is mapped "
+                        "in another room; one SSRC feeds one room (end that room or send "
+                        "its roster without it first)"
+                    )
 
     async def finish_speaker(self, room: str, pid: str) -> None:
         """A participant's audio source ended: its open utterance gets its final."""

@@ -337,3 +337,229 @@ async def test_a_client_leaving_mid_body_is_one_quiet_line(
         assert errors == []
         left = [rec for rec in caplog.records if "left before its body" in rec.getMessage()]
         assert len(left) == 5
+
+
+# -- errors never echo a whole value ------------------------------------------------
+
+HUGE = 100_000
+
+
+@pytest.mark.parametrize("transport", ["grpc", "grpc-web"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        pb.Settings(language="x" * HUGE),
+        pb.Settings(provider="p" * HUGE),
+        pb.Settings(language="é" * HUGE),  # percent-encoded, six bytes a character
+        pb.Settings(translation_languages=["de-DE", "q" * HUGE]),
+    ],
+    ids=["language", "provider", "multibyte", "translation"],
+)
+async def test_a_huge_invalid_value_is_a_short_invalid_argument(
+    tmp_path: Path, transport: str, settings: pb.Settings
+) -> None:
+    async with running_sidecar(tmp_path, preload=False) as sc, connect(sc, transport) as api:
+        err = await api.error("StartCaptions", pb.StartRequest(room=ROOM, settings=settings))
+        assert err.code == grpc.StatusCode.INVALID_ARGUMENT, err
+        assert len(err.details) < 1200, len(err.details)
+        assert f"({HUGE} characters)" in err.details
+
+
+async def test_grpc_web_status_headers_stay_small(tmp_path: Path) -> None:
+    """The raw answer: every header under a proxy's 8 KB."""
+    async with running_sidecar(tmp_path, preload=False) as sc:
+        body = pb.StartRequest(room=ROOM, settings=pb.Settings(language="€" * HUGE))
+        payload = body.SerializeToString()
+        frame = b"\0" + len(payload).to_bytes(4, "big") + payload
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{sc.ports.http}/captions.v1.Captions/StartCaptions"
+            headers = {
+                "Content-Type": "application/grpc-web+proto",
+                "Authorization": f"Bearer {TOKEN}",
+            }
+            async with session.post(url, data=frame, headers=headers) as resp:
+                assert resp.headers["grpc-status"] == "3"
+                assert all(len(k) + len(v) < 4096 for k, v in resp.headers.items())
+                assert len(await resp.read()) < 4096
+
+
+# -- the smaller ones ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["grpc", "grpc-web"])
+async def test_a_subscription_sends_its_headers_before_any_caption(
+    tmp_path: Path, transport: str
+) -> None:
+    async with running_sidecar(tmp_path, preload=False) as sc:
+        if transport == "grpc":
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{sc.ports.grpc}") as channel:
+                call = pb_grpc.CaptionsStub(channel).SubscribeCaptions(
+                    pb.SubscribeRequest(room=ROOM),
+                    metadata=(("authorization", f"Bearer {TOKEN}"),),
+                )
+                await asyncio.wait_for(call.initial_metadata(), 10)
+                call.cancel()
+            return
+        req = pb.SubscribeRequest(room=ROOM).SerializeToString()
+        frame = b"\0" + len(req).to_bytes(4, "big") + req
+        url = f"http://127.0.0.1:{sc.ports.http}/captions.v1.Captions/SubscribeCaptions"
+        headers = {"Content-Type": "application/grpc-web+proto", "Authorization": f"Bearer {TOKEN}"}
+        async with aiohttp.ClientSession() as session:
+            resp = await asyncio.wait_for(session.post(url, data=frame, headers=headers), 10)
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("application/grpc-web")
+            assert "grpc-status" not in resp.headers  # a live stream, not an error
+            resp.close()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "evil\u202eroom@conference.x",  # right-to-left override
+        "a\u200bb@conference.x",  # zero-width space
+        "a\u2066b\u2069@conference.x",  # isolates
+        "a\ufeffb",  # byte order mark
+        "a\u00adb",  # soft hyphen
+        "a\ue000b",  # private use
+    ],
+)
+async def test_room_names_with_invisible_characters_are_refused(tmp_path: Path, name: str) -> None:
+    async with running_sidecar(tmp_path, preload=False) as sc:
+        for transport in ("grpc", "grpc-web"):
+            async with connect(sc, transport) as api:
+                err = await api.error("StartCaptions", pb.StartRequest(room=name))
+                assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+                assert err.details.startswith("room: ")
+        assert sc.rooms.rooms == {}
+
+
+async def test_translation_languages_are_capped(tmp_path: Path) -> None:
+    langs = ["de-DE", "fr-FR", "es-ES", "it", "nl-NL", "pt-PT", "pl", "sv", "da", "fi", "ja"]
+    async with running_sidecar(tmp_path, preload=False) as sc, connect(sc, "grpc") as api:
+        ok = await api(
+            "UpdateSettings",
+            pb.UpdateSettingsRequest(
+                room=ROOM, settings=pb.Settings(translation_languages=langs[:10])
+            ),
+        )
+        assert len(ok.effective.translation_languages) == 10
+        err = await api.error(
+            "UpdateSettings",
+            pb.UpdateSettingsRequest(room=ROOM, settings=pb.Settings(translation_languages=langs)),
+        )
+        assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "at most 10" in err.details
+        err = await api.error(
+            "UpdateSettings",
+            pb.UpdateSettingsRequest(
+                room=ROOM, settings=pb.Settings(translation_languages=["de-DE"] * 10_000)
+            ),
+        )
+        assert "at most 10" in err.details
+
+
+async def test_a_roster_cannot_take_another_rooms_ssrc(tmp_path: Path) -> None:
+    async with running_sidecar(tmp_path, preload=False) as sc, connect(sc, "grpc") as api:
+        a, b = "a@conference.x", "b@conference.x"
+        await api(
+            "UpdateRoster",
+            pb.UpdateRosterRequest(room=a, participants=[pb.Participant(id="alice", ssrcs=[1234])]),
+        )
+        err = await api.error(
+            "UpdateRoster",
+            pb.UpdateRosterRequest(
+                room=b,
+                participants=[
+                    pb.Participant(id="bob", ssrcs=[77]),
+                    pb.Participant(id="mallory", ssrcs=[1234]),
+                ],
+            ),
+        )
+        assert err.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "SSRC 1234" in err.details and a not in err.details
+        assert sc.rooms.ssrcs[1234] == (a, "alice")
+        assert 77 not in sc.rooms.ssrcs  # nothing of the refused update was applied
+        # within its own room a newer mapping replaces the older (a rejoin)
+        await api(
+            "UpdateRoster",
+            pb.UpdateRosterRequest(
+                room=a, participants=[pb.Participant(id="alice2", ssrcs=[1234])]
+            ),
+        )
+        assert sc.rooms.ssrcs[1234] == (a, "alice2")
+        # once room a has ended, its SSRCs are free
+        await api("EndRoom", pb.RoomRequest(room=a))
+        await api(
+            "UpdateRoster",
+            pb.UpdateRosterRequest(room=b, participants=[pb.Participant(id="bob", ssrcs=[1234])]),
+        )
+        assert sc.rooms.ssrcs[1234] == (b, "bob")
+
+
+async def test_a_skynet_header_cut_inside_a_character_is_read(tmp_path: Path) -> None:
+    from tests.test_skynet import HEADER_BYTES, SILENCE, serve
+
+    engine = Engine(tmp_path)
+    await engine.start(preload=False)
+    try:
+        async with serve(engine) as server:
+            ws = await server.connect("cut-header")
+            head = b"ab12cd34|de-DE" + b" " * (HEADER_BYTES - 15) + "é".encode()[:1]
+            assert len(head) == HEADER_BYTES
+            await ws.send_bytes(head + SILENCE)
+            room = engine.rooms.get("cut-header")
+            for _ in range(500):
+                if room.speakers:
+                    break
+                await asyncio.sleep(0.01)
+            assert "ab12cd34" in room.speakers and not ws.closed
+            assert room.effective.language == "de-DE"
+            await ws.close()
+    finally:
+        await engine.close()
+
+
+async def test_rtp_kernel_drops_are_exported(tmp_path: Path) -> None:
+    """A burst while the event loop is stalled: what the kernel dropped is a metric,
+    and sent = counted + dropped."""
+    import socket
+    import time
+
+    from sidecar.ingest.rtp import RtpIngest
+
+    engine = Engine(tmp_path)
+    await engine.start(preload=False)
+    ingest = RtpIngest(engine.rooms)
+    port = await ingest.start("127.0.0.1", 0)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        if os.geteuid() == 0:  # SO_RCVBUFFORCE: past net.core.rmem_max
+            assert ingest.receive_buffer_bytes >= 16 << 20
+        assert metric("captions_rtp_receive_buffer_bytes") == ingest.receive_buffer_bytes
+
+        def counted() -> float:
+            return sum(
+                metric("captions_rtp_packets_total", outcome=o)
+                for o in ("unknown_ssrc", "accepted", "rejected")
+            )
+
+        before, drops = counted(), metric("captions_rtp_socket_drops")
+        # more than any receive buffer holds, sent while the loop cannot read
+        sent = 0
+        packet = bytes([0x80, 111]) + bytes(10) + b"\xf8" + bytes(1200)
+        t0 = time.monotonic()
+        while sent < 60_000 and time.monotonic() - t0 < 30:
+            sender.sendto(packet, ("127.0.0.1", port))
+            sent += 1
+        for _ in range(300):
+            await asyncio.sleep(0.05)
+            got = counted() - before
+            lost = metric("captions_rtp_socket_drops") - drops
+            if got + lost >= sent:
+                break
+        assert lost > 0  # the burst overflowed, and the metric says by how much
+        assert got + lost == sent
+    finally:
+        sender.close()
+        ingest.close()
+        await engine.close()

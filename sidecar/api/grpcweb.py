@@ -376,6 +376,10 @@ class GrpcWebServicerContext:
         self._cancelled = False
         self._done = False
         self._callbacks: list[DoneCallback] = []
+        # set by the gateway for a server stream: sends the response headers
+        self._send_headers: (
+            Callable[[Sequence[tuple[str, str | bytes]]], Awaitable[None]] | None
+        ) = None
 
     # grpc.aio API ----------------------------------------------------------
     def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
@@ -444,6 +448,17 @@ class GrpcWebServicerContext:
     def done(self) -> bool:
         """True once the call has finished, whatever the outcome."""
         return self._done
+
+    async def send_initial_metadata(self, metadata: Sequence[tuple[str, str | bytes]]) -> None:
+        """Send the response headers now (grpc.aio's call of the same name).
+
+        A stream that may wait long for its first message calls this so
+        that clients and proxies waiting for headers do not time out.
+        """
+        if self._send_headers is None:
+            return
+        send, self._send_headers = self._send_headers, None
+        await send(tuple(metadata))
 
     def time_remaining(self) -> float | None:
         """Seconds left before the ``grpc-timeout`` deadline; None without one."""
@@ -821,6 +836,20 @@ class GrpcWebGateway:
                 await resp.write(base64.b64encode(frame) if text else frame)
             except ConnectionError as exc:
                 raise _ClientGoneError from exc
+
+        async def send_headers(metadata: Sequence[tuple[str, str | bytes]]) -> None:
+            if resp.prepared:
+                return
+            for key, value in metadata:
+                text_value = _metadata_value(key, value)
+                if "\r" not in text_value and "\n" not in text_value:
+                    resp.headers[key.lower()] = text_value
+            try:
+                await resp.prepare(request)
+            except ConnectionError as exc:
+                raise _ClientGoneError from exc
+
+        ctx._send_headers = send_headers
 
         async def pump() -> _Status:
             agen: AsyncIterator[Message] | None = None

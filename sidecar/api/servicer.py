@@ -25,7 +25,7 @@ from sidecar.config import (
     trigger_to_proto,
 )
 from sidecar.config import Trigger as TriggerEnum
-from sidecar.errors import InvalidArgument, ServiceError, clip
+from sidecar.errors import InvalidArgument, ServiceError, clip, shown
 from sidecar.events import Caption
 from sidecar.proto.captions.v1 import captions_pb2 as pb
 from sidecar.proto.captions.v1 import captions_pb2_grpc as pb_grpc
@@ -256,7 +256,7 @@ class CaptionsService(pb_grpc.CaptionsServicer):
     ) -> pb.DeleteTranscriptResponse:
         deleted = await asyncio.to_thread(self.store.delete, request.id)
         if not deleted:
-            raise TranscriptNotFound(f"no transcript {request.id!r}")
+            raise TranscriptNotFound(f"no transcript {shown(request.id)}")
         return pb.DeleteTranscriptResponse(deleted=True)
 
     async def SubscribeCaptions(
@@ -270,6 +270,9 @@ class CaptionsService(pb_grpc.CaptionsServicer):
             await context.abort(code, message)
             return
         try:
+            # headers now, not with the first caption: a quiet room must not
+            # look like a dead call to a proxy or browser waiting for them
+            await context.send_initial_metadata(())
             async for cap in sub:
                 yield caption_to_proto(cap)
         finally:

@@ -260,10 +260,14 @@ class _Connection:
             MESSAGES.labels("short").inc()
             self.warn_once("short", "dropped a %d-byte message (no 60-byte header)", len(data))
             return
+        raw = data[:HEADER_BYTES].rstrip(b"\x00")
         try:
-            header = data[:HEADER_BYTES].rstrip(b"\x00").decode("utf-8")
-        except UnicodeDecodeError:
-            raise CloseConnection(1007, "the header is not UTF-8", "bad_header") from None
+            header = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            # a character cut by the 60-byte field is dropped; anything else is not UTF-8
+            if e.end != len(raw) or e.reason != "unexpected end of data":
+                raise CloseConnection(1007, "the header is not UTF-8", "bad_header") from None
+            header = raw[: e.start].decode("utf-8")
         pid, _, language = header.partition("|")
         pid = pid.strip()
         if not valid_participant(pid):
