@@ -382,7 +382,8 @@ class RoomManager:
         ``reserved_rooms`` places. When none is free, a provisional room
         that never had audio and whose socket is gone is ended to make one;
         for a control API start, one whose socket is still open too (its
-        bridge gets nothing more, as if its session had ended).
+        bridge gets nothing more, as if its session had ended), and then
+        one whose socket is gone, even if it had audio.
         """
         # a room on, or going on (its start waits for its transcript file)
         on = [x for x in self.rooms.values() if x is not r and (x.active or x.lock.locked())]
@@ -392,13 +393,19 @@ class RoomManager:
             full = sum(1 for x in on if x.provisional) >= self.max_rooms - self.reserved_rooms
         if not full:
             return
-        idle = [
-            x for x in on if x.active and x.provisional and not x.had_audio and not x.lock.locked()
-        ]
+        spare = [x for x in on if x.active and x.provisional and not x.lock.locked()]
         victims = sorted(
-            (x for x in idle if not ingest or x.ingest_connections == 0),
+            (x for x in spare if not x.had_audio and (not ingest or x.ingest_connections == 0)),
             key=lambda x: (x.ingest_connections, x.ingest_seen),
         )
+        if not victims and not ingest:
+            # then one whose socket is gone, the longest silent first
+            victims = sorted(
+                (x for x in spare if x.ingest_connections == 0),
+                key=lambda x: max(
+                    (sp.last_arrival for sp in x.speakers.values()), default=x.last_audio
+                ),
+            )
         if not victims:
             what = "rooms started by the videobridge or Jigasi" if ingest else "rooms"
             raise ResourceExhausted(
