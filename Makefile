@@ -1,10 +1,10 @@
-# Targets: install, demo, serve, test, test-fast, lint, bench, proto
+# Targets: install, demo, serve, test, test-fast, lint, bench, proto, fuzz
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 SILERO_VAD := silero-vad==6.2.3
 
-.PHONY: install demo serve test test-fast lint bench proto clean
+.PHONY: install demo serve test test-fast lint bench proto fuzz clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,14 @@ lint: install
 bench: install
 	$(PY) bench/conference.py --out docs/benchmarks.md
 	$(PY) bench/run.py --out docs/benchmarks.md
+
+# the fuzzers of tests/test_fuzz.py at length, new random inputs each run;
+# figures to docs/fuzz-figures.json (make test runs 60 fixed inputs each)
+FUZZ_EXAMPLES ?= 20000
+fuzz: install
+	rm -f docs/fuzz-figures.json
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_RANDOM=1 FUZZ_REPORT=docs/fuzz-figures.json \
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
 
 proto: install
 	PYTHON=$(PY) scripts/gen_proto.sh
