@@ -563,3 +563,30 @@ async def test_rtp_kernel_drops_are_exported(tmp_path: Path) -> None:
         sender.close()
         ingest.close()
         await engine.close()
+
+
+# -- crashes the fuzzers found (tests/test_fuzz.py, make fuzz) -------------------------
+
+
+async def test_a_media_message_with_a_list_for_a_tag_is_no_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_sidecar(tmp_path, preload=False) as sc, aiohttp.ClientSession() as s:
+        ws = await _bridge(s, f"http://127.0.0.1:{sc.ports.http}", "m-fuzz")
+        assert ws is not None
+        caplog.clear()
+        for tag in ([], {}, [1, 2]):
+            await ws.send_str(json.dumps({"event": "media", "media": {"tag": tag}}))
+        await ws.send_str(json.dumps({"event": "ping", "id": 2}))
+        pong = await asyncio.wait_for(ws.receive(), 10)
+        assert json.loads(pong.data) == {"event": "pong", "id": 2}
+        assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+        await ws.close()
+
+
+def test_a_status_message_keeps_its_edge_spaces() -> None:
+    from sidecar.api.grpcweb import decode_grpc_message, encode_trailers, parse_trailers
+
+    for message in (" ", "  x ", "\u00e9 "):
+        trailers = parse_trailers(encode_trailers(grpc.StatusCode.INTERNAL, message))
+        assert decode_grpc_message(trailers["grpc-message"]) == message

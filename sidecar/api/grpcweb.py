@@ -237,11 +237,18 @@ def decode_text(data: bytes) -> bytes:
 def encode_grpc_message(message: str) -> str:
     """Percent-encode a status message as the gRPC spec asks for ``grpc-message``.
 
-    UTF-8 bytes outside printable ASCII, and ``%`` itself, become ``%XX``.
+    UTF-8 bytes outside printable ASCII, and ``%`` itself, become ``%XX``;
+    so do spaces at either end, which an HTTP header would lose.
     """
-    return "".join(
+    out = "".join(
         chr(b) if 0x20 <= b <= 0x7E and b != 0x25 else f"%{b:02X}" for b in message.encode("utf-8")
     )
+    stripped = out.strip(" ")
+    if stripped != out:
+        head = len(out) - len(out.lstrip(" "))
+        tail = len(out) - head - len(stripped)
+        out = "%20" * head + stripped + "%20" * tail
+    return out
 
 
 MESSAGE_MAX_CHARS = 1024  # characters of a status message sent
