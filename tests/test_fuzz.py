@@ -67,13 +67,28 @@ def tally(parser: str, outcome: str) -> None:
     STATS[parser]["inputs"] += 1
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 @pytest.fixture(scope="module", autouse=True)
 def report() -> Iterator[None]:
+    t0, rss0 = time.monotonic(), _rss_mb()
     yield
     out = os.environ.get("FUZZ_REPORT")
     if out:
         old = json.loads(Path(out).read_text()) if Path(out).is_file() else {}
         old.update({k: dict(v) for k, v in STATS.items()})
+        old["_run"] = {
+            "examples_per_parser": EXAMPLES,
+            "seconds": round(time.monotonic() - t0, 1),
+            "rss_mb_first_test": round(rss0, 1),
+            "rss_mb_end": round(_rss_mb(), 1),
+        }
         Path(out).write_text(json.dumps(old, indent=2, sort_keys=True) + "\n")
 
 
