@@ -426,14 +426,28 @@ def _b64(obj: Any) -> str:
     claims=st.dictionaries(
         st.sampled_from(["exp", "aud", "iss", "sub", "nbf", "iat"]), json_values, max_size=6
     ),
+    # most tokens start from what Jigasi sends, so the accepting path is fuzzed too
+    base=st.sampled_from([True, True, False]),
+    exp_in=st.integers(-400, 4000),
     sig=st.binary(max_size=300),
     sign=st.booleans(),
     raw=st.none() | st.text(max_size=300),
 )
-@example(header={"kid": "jitsi/jigasi", "alg": 1.0}, claims={}, sig=b"", sign=True, raw=None)
+@example(
+    header={"kid": "jitsi/jigasi", "alg": 1.0},
+    claims={},
+    base=False,
+    exp_in=0,
+    sig=b"",
+    sign=True,
+    raw=None,
+)
+@example(header={}, claims={}, base=True, exp_in=300, sig=b"", sign=True, raw=None)
 def test_jigasi_jwts(
     header: dict[str, Any],
     claims: dict[str, Any],
+    base: bool,
+    exp_in: int,
     sig: bytes,
     sign: bool,
     raw: str | None,
@@ -443,6 +457,10 @@ def test_jigasi_jwts(
     import jwt
 
     endpoint, key = jwt_setup
+    if base:
+        real = {"exp": int(time.time()) + exp_in, "aud": "jitsi", "iss": "jigasi"}
+        claims = real | dict(list(claims.items())[: len(claims) // 2])
+        header = {"kid": "jitsi/jigasi"} | header
     if raw is not None:
         token = raw
     elif sign:
@@ -523,8 +541,53 @@ def test_grpcweb_framing(body: bytes, text: bool, split: int) -> None:
         tally("grpcweb_framing", f"refused:{type(e).__name__}")
 
 
+def _start_requests() -> st.SearchStrategy[bytes]:
+    """StartRequests with plausible and implausible settings, as the module sends them."""
+    opt = st.none() | st.text(max_size=20)
+    lang = st.sampled_from(["en-US", "de", "auto", "pt_br", "EN-us", ""]) | opt
+    settings_ = st.builds(
+        lambda lg, prov, tl, sil, ms, tm, im: pb.Settings(
+            **{
+                k: v
+                for k, v in {
+                    "language": lg,
+                    "provider": prov,
+                    "silence_duration_ms": sil,
+                    "max_speech_caption_ms": ms,
+                    "transcription_mode": tm,
+                    "interim_results": im,
+                }.items()
+                if v is not None
+            },
+            translation_languages=tl,
+        ),
+        lang,
+        st.sampled_from(["whisper", "WHISPER ", "azure", "x"]) | opt,
+        st.lists(lang.filter(lambda x: x is not None), max_size=12),
+        st.none() | st.integers(0, 2**32 - 1),
+        st.none() | st.integers(0, 2**32 - 1),
+        st.none() | st.integers(0, 6),
+        st.none() | st.booleans(),
+    )
+    req = st.builds(
+        lambda room, s, who, mid: pb.StartRequest(
+            room=room, settings=s, requested_by=who, meeting_id=mid
+        ).SerializeToString(),
+        st.sampled_from([ROOM, ""]) | st.text(max_size=30),
+        settings_,
+        st.text(max_size=20),
+        st.text(max_size=20),
+    )
+
+    def mutate(data: bytes, pos: int, value: int) -> bytes:
+        i = pos % (len(data) + 1)
+        return data[:i] + bytes([value]) + data[i + 1 :]
+
+    return req | st.builds(mutate, req, st.integers(0, 500), st.integers(0, 255))
+
+
 @FUZZ
-@given(payload=st.binary(max_size=300) | st.just(REAL_REQUEST))
+@given(payload=st.binary(max_size=300) | _start_requests())
 @example(payload=REAL_REQUEST)
 def test_protobuf_request_bodies(payload: bytes) -> None:
     """What the gateway and the servicer do with a body: decode, then validate settings."""
