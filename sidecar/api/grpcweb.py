@@ -261,8 +261,8 @@ def clip_grpc_message(message: str) -> str:
     A caller's value echoed in an error must not make the ``grpc-message``
     header pass a proxy's 8 KB (or native gRPC's 16 KB metadata) limit.
     """
-    if len(message) <= MESSAGE_MAX_CHARS and len(message) * 9 <= MESSAGE_MAX_ENCODED:
-        return message  # fast path: even all-4-byte characters fit
+    if len(message) * 12 <= MESSAGE_MAX_ENCODED:
+        return message  # fast path: even all-4-byte characters (%XX%XX%XX%XX) fit
     limit = MESSAGE_MAX_CHARS
     while True:
         out = clip(message, limit)
@@ -655,7 +655,7 @@ class GrpcWebGateway:
             ctx = GrpcWebServicerContext(request, timeout_s=timeout_s)
             body_s = self._body_timeout_s
             try:
-                async with asyncio.timeout(min(timeout_s or body_s, body_s)):
+                async with asyncio.timeout(body_s if timeout_s is None else min(timeout_s, body_s)):
                     message = await self._read_request(request, method, text)
             except TimeoutError:
                 if timeout_s is not None and timeout_s <= body_s:
