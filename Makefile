@@ -34,6 +34,7 @@ lint: install
 	$(VENV)/bin/ruff format --check sidecar tests bench
 	$(VENV)/bin/mypy
 	cd prosody-module && luacheck .
+	cd tests/standins && luacheck --config ../../prosody-module/.luacheckrc .
 
 bench: install
 	$(PY) bench/conference.py --out docs/benchmarks.md

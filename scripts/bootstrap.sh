@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 PKGS=(make python3 python3-venv python3-dev gcc espeak-ng pocketsphinx-testdata sox
-      prosody lua5.4 lua-busted lua-check ca-certificates)
+      prosody lua5.4 lua-busted lua-check ca-certificates openssl)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

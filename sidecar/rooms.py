@@ -4,6 +4,30 @@ A room runs one :class:`~sidecar.pipeline.speaker.SpeakerPipeline` per
 participant who sends audio, while captions or transcription (or both) are
 on. Finals are written to the transcript (fsynced) *before* they are
 published, so any final a viewer has seen survives a crash.
+
+Captions reach the participants' screens through exactly one *carrier* per
+caption, never two: jitsi-meet shows what arrives on either (the MUC
+``json-message`` and the videobridge's ``EndpointMessage`` from
+"transcriber", which lib-jitsi-meet raises as NON_PARTICIPANT_MESSAGE_RECEIVED),
+so sending on both shows every caption twice in the CC tab and the external
+API. The rule (:meth:`Room.pick_carrier`):
+
+- ``muc``, the transcriber occupant's groupchat, whenever the sidecar's
+  occupant is enabled and joined in the room. It works whatever brings the
+  audio (videobridge export, RTP, the control API), its presence is what
+  makes the UI show "transcribing" (lib-jitsi-meet raises the
+  transcription-status only for a hidden-domain member with the transcriber
+  feature), and the MUC reaches every endpoint, on every bridge of the
+  conference;
+- ``videobridge``, the answer on the export socket, otherwise (XMPP off, or
+  the occupant not in the room: refused, reconnecting). The bridge relays it
+  to every endpoint (jvb ``Conference.ExporterEventHandlerImpl.
+  handleTranscriptionResult`` broadcasts an ``EndpointMessage`` with
+  ``from: "transcriber"``), but that path exists only while the export is
+  open.
+
+The choice sticks to an utterance (its ``message_id``) while its carrier can
+still send, so an utterance's interims and final arrive the same way.
 """
 
 from __future__ import annotations
@@ -77,6 +101,15 @@ TRANSCRIPT_STORE_ERRORS = Counter(
 UNWRITTEN_MAX = 10_000  # finals a failing transcript keeps in memory to write later
 DRAIN_TIMEOUT = 30.0  # seconds a stop waits for the last finals
 INGEST_SOURCES = ("videobridge", "jigasi")
+CARRIED = Counter(
+    "captions_carried_total",
+    "Captions sent to the participants, by carrier (each on exactly one)",
+    ["carrier"],
+)
+NO_AUDIO = Counter(
+    "captions_no_audio_warnings_total",
+    "Rooms switched on that got no audio within ingest.no_audio_warning_s",
+)
 SUBSCRIBER_DROPS = Counter(
     "captions_subscriber_dropped_total", "Caption events not delivered to a slow subscriber"
 )
@@ -152,6 +185,17 @@ class Subscriber:
 
 CaptionSink = Callable[[Caption], None]
 
+CARRIERS = ("muc", "videobridge")  # in order of preference, see the module doc
+
+
+@dataclass(slots=True)
+class Carrier:
+    """One way captions reach the participants: ``send`` when ``ready()``."""
+
+    name: str  # one of CARRIERS
+    ready: Callable[[], bool]
+    send: CaptionSink
+
 
 @dataclass
 class Room:
@@ -186,7 +230,6 @@ class Room:
     # a start call of the control API (Prosody) owns it: it is no longer
     # only what an ingest socket asked for
     claimed: bool = False
-    had_audio: bool = False  # a frame was accepted since it was switched on
     ingest_seen: float = field(default_factory=time.monotonic)  # an ingest socket was open
 
     @property
@@ -194,9 +237,42 @@ class Room:
         """Started by an ingest socket alone (no start call of the control API)."""
         return self.source in INGEST_SOURCES and not self.claimed
 
+    # where captions go to the participants' screens, by CARRIERS name
+    carriers: dict[str, Carrier] = field(default_factory=dict)
+    carrier_by_message: dict[str, str] = field(default_factory=dict)
+    # what an operator should act on, by kind ("no_audio", "join"), in words
+    warnings: dict[str, str] = field(default_factory=dict)
+    active_since: float = field(default_factory=time.monotonic)
+    audio_seen: bool = False  # a frame arrived since captions/transcription went on
+    requested_by: str = ""  # the last person (endpoint id) who asked, for notices
+    room_password: str = ""  # for the transcriber occupant's join; never logged
+
     @property
     def active(self) -> bool:
         return self.transcribing or self.captioning
+
+    def pick_carrier(self, message_id: str = "") -> Carrier | None:
+        """The one carrier a caption goes out on (see the module doc)."""
+        name = self.carrier_by_message.get(message_id) if message_id else None
+        if name is not None:
+            c = self.carriers.get(name)
+            if c is not None and c.ready():
+                return c
+        for name in CARRIERS:
+            c = self.carriers.get(name)
+            if c is not None and c.ready():
+                return c
+        return None
+
+    @property
+    def warning(self) -> str:
+        return " | ".join(self.warnings.values())
+
+    @property
+    def carrier(self) -> str:
+        """The carrier a new caption would take now ("" for none)."""
+        c = self.pick_carrier()
+        return c.name if c is not None else ""
 
     @property
     def transcript_id(self) -> str:
@@ -218,6 +294,7 @@ class RoomManager:
         ingest_idle_end_s: float = 600.0,
         provisional_grace_s: float = 5.0,
         reserved_rooms: int | None = None,
+        no_audio_warning_s: float = 10.0,
     ) -> None:
         self.defaults = defaults
         self.store = store
@@ -248,6 +325,11 @@ class RoomManager:
         # of a start): bounded for memory, never counted under max_rooms
         self.max_idle_rooms = 4 * max_rooms + 100
         self._last_provisional_check = time.monotonic()
+        # a room on with no audio after this long gets a warning; 0: never
+        self.no_audio_warning_s = no_audio_warning_s
+        # where the videobridge should connect, for the warning's words
+        self.mediajson_url = ""
+        self._last_audio_check = time.monotonic()
         self._last_reap = time.monotonic()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -267,6 +349,9 @@ class RoomManager:
             if now - self._last_provisional_check >= 0.5:
                 self._last_provisional_check = now
                 self._reap_provisional_rooms(now)
+            if now - self._last_audio_check >= 0.5:
+                self._last_audio_check = now
+                self._check_no_audio(now)
             for room in list(self.rooms.values()):
                 if not room.live:
                     continue
@@ -304,7 +389,7 @@ class RoomManager:
             if not r.active and now - r.ingest_seen > 60:
                 self._forget_if_empty(r)  # a refused start's room
                 continue
-            if not r.provisional or r.had_audio or not r.active or r.lock.locked():
+            if not r.provisional or r.audio_seen or not r.active or r.lock.locked():
                 continue
             if now - r.ingest_seen > self.provisional_grace_s:
                 log.info("room %s: its ingest socket went and no audio came; ending it", r.name)
@@ -314,6 +399,44 @@ class RoomManager:
         task = asyncio.create_task(self._end_quietly(name))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _check_no_audio(self, now: float) -> None:
+        """A room switched on that gets no audio says so, once, in words."""
+        limit = self.no_audio_warning_s
+        if limit <= 0:
+            return
+        for r in list(self.rooms.values()):
+            if not r.active or r.audio_seen or not r.live or "no_audio" in r.warnings:
+                continue
+            if now - r.active_since < limit:
+                continue
+            r.warnings["no_audio"] = text = self._no_audio_text(r, limit)
+            NO_AUDIO.inc()
+            log.warning("%s", text)
+            self._notify(r, "no_audio")
+
+    def _no_audio_text(self, r: Room, limit: float) -> str:
+        if r.ingest_connections > 0:
+            who = "Jigasi" if r.source == "jigasi" else "the videobridge"
+            return (
+                f"{who} is connected for room {r.name} but sent no audio "
+                f"{limit:.0f} s after start: is everyone muted? (the bridge exports only "
+                "audio that participants send)"
+            )
+        url = self.mediajson_url or "the sidecar's mediajson URL"
+        return (
+            f"no audio from the videobridge for room {r.name} {limit:.0f} s after start: "
+            f"check jicofo.transcription.url-template (it must point at {url}), that the "
+            "room_metadata component is loaded (Jicofo turns the export on only from room "
+            f"metadata with asyncTranscription and recording.isTranscribingEnabled) and that "
+            f"the bridge can reach {url}"
+        )
+
+    def _audio_arrived(self, r: Room) -> None:
+        r.audio_seen = True
+        if r.warnings.pop("no_audio", None) is not None:
+            log.info("room %s: audio arrives now; the no-audio warning is cleared", r.name)
+            self._notify(r, "audio")
 
     async def _end_quietly(self, name: str) -> None:
         with contextlib.suppress(NotFound):
@@ -395,7 +518,7 @@ class RoomManager:
             return
         spare = [x for x in on if x.active and x.provisional and not x.lock.locked()]
         victims = sorted(
-            (x for x in spare if not x.had_audio and (not ingest or x.ingest_connections == 0)),
+            (x for x in spare if not x.audio_seen and (not ingest or x.ingest_connections == 0)),
             key=lambda x: (x.ingest_connections, x.ingest_seen),
         )
         if not victims and not ingest:
@@ -447,8 +570,12 @@ class RoomManager:
         requested_by: str = "",
         live: bool = True,
         meeting_id: str = "",
+        room_password: str = "",
     ) -> Room:
-        """Switch ``kind`` ("transcription" or "captions") on. Idempotent."""
+        """Switch ``kind`` ("transcription" or "captions") on. Idempotent.
+
+        ``room_password``: the MUC room's password (the dial's
+        ``JvbRoomPassword``), for the transcriber occupant."""
         r = self._room(room, for_start=True)
         # one change at a time per room: a start must not interleave with a
         # stop that is still draining, or with the room being ended
@@ -456,6 +583,8 @@ class RoomManager:
             async with r.lock:
                 if self.rooms.get(r.name) is not r:
                     r = self._room(room, for_start=True)  # it was ended meanwhile: a new one
+                if room_password:
+                    r.room_password = room_password[:256]
                 return await self._start_locked(
                     r, kind, settings, trigger, requested_by, live, meeting_id
                 )
@@ -499,11 +628,14 @@ class RoomManager:
         eff = self._resolve(r)
         self._apply(r, eff)
         r.live = live
+        if requested_by and requested_by not in INGEST_SOURCES:
+            r.requested_by = requested_by
         if not was_active:
             r.trigger = trigger
             r.source = requested_by
-            r.last_audio = r.ingest_seen = time.monotonic()
-            r.had_audio = False
+            r.last_audio = r.active_since = r.ingest_seen = time.monotonic()
+            r.audio_seen = False
+            r.warnings.pop("no_audio", None)
         if kind == "transcription" and not r.transcribing:
             try:
                 r.writer = await asyncio.to_thread(self.store.open, r.name, language=eff.language)
@@ -589,6 +721,8 @@ class RoomManager:
                         )
         else:
             r.captioning = False
+        if not r.active:
+            r.warnings.pop("no_audio", None)
         ROOMS_ACTIVE.set(sum(1 for x in self.rooms.values() if x.active))
         self._notify(r, "stop")
 
@@ -785,7 +919,8 @@ class RoomManager:
                 FRAMES_DROPPED.labels("too_many_speakers").inc()
                 return False
             sp = self._new_speaker(r, participant)
-        r.had_audio = True
+        if not r.audio_seen:
+            self._audio_arrived(r)
         try:
             sp.push(frame)
         except Exception:
@@ -912,12 +1047,14 @@ class RoomManager:
             # once per outage, not once per final
             log.warning("room %s: transcript %s failed: %s", r.name, op, clip(str(e), 300))
         r.transcript_error = f"transcript {op} failed: {clip(str(e), 300)}"
+        r.warnings["transcript"] = f"room {r.name}: {r.transcript_error}; captions go on"
         TRANSCRIPTS_FAILING.set(sum(1 for x in self.rooms.values() if x.transcript_error))
 
     def _transcript_ok(self, r: Room) -> None:
         if r.transcript_error:
             log.info("room %s: the transcript is written again", r.name)
             r.transcript_error = ""
+            r.warnings.pop("transcript", None)
             TRANSCRIPTS_FAILING.set(sum(1 for x in self.rooms.values() if x.transcript_error))
 
     def _publish(self, r: Room, cap: Caption) -> None:
@@ -932,6 +1069,21 @@ class RoomManager:
                 sink(cap)
             except Exception:
                 log.exception("room %s: caption sink failed", r.name)
+        carrier = r.pick_carrier(cap.message_id)
+        if carrier is None:
+            CARRIED.labels("none").inc()
+            return
+        if cap.is_interim:
+            if len(r.carrier_by_message) > 1000:  # utterances that never got a final
+                r.carrier_by_message.clear()
+            r.carrier_by_message[cap.message_id] = carrier.name
+        else:
+            r.carrier_by_message.pop(cap.message_id, None)
+        try:
+            carrier.send(cap)
+            CARRIED.labels(carrier.name).inc()
+        except Exception:
+            log.exception("room %s: caption carrier %s failed", r.name, carrier.name)
 
     def subscribe(self, room: str, include_interims: bool) -> Subscriber:
         r = self._room(room)

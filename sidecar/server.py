@@ -31,8 +31,9 @@ from sidecar.ingest.skynet import SkynetEndpoint
 from sidecar.pipeline.speaker import GateConfig
 from sidecar.pipeline.vad import SileroVad
 from sidecar.proto.captions.v1 import captions_pb2, captions_pb2_grpc
-from sidecar.rooms import Room, RoomManager
+from sidecar.rooms import Carrier, Room, RoomManager
 from sidecar.store.local import LocalDirStore
+from sidecar.xmpp.tls import TlsPolicy, normalise_fingerprint
 from sidecar.xmpp.transcriber import TranscriberOccupant, TranscriberOptions
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,11 @@ SERVICE_NAME = "captions.v1.Captions"
 # BODY_TIMEOUT_S of its headers: half-sent requests hold nothing for longer
 HEADER_TIMEOUT_S = 15.0
 BODY_TIMEOUT_S = 15.0
+NO_AUDIO_NOTICE = (
+    "Captions are on, but no audio reaches the transcriber, so no captions can appear. "
+    "The administrator should check the videobridge export (jicofo.transcription."
+    "url-template and the room metadata component)."
+)
 
 
 def _split(listen: str) -> tuple[str, int]:
@@ -77,6 +83,7 @@ class Sidecar:
             max_speakers_per_room=lim.max_speakers_per_room,
             max_subscribers_per_room=lim.max_subscribers_per_room,
             gate=GateConfig(max_frame_bytes=lim.max_frame_bytes),
+            no_audio_warning_s=config.ingest.no_audio_warning_s,
         )
         self.service = CaptionsService(self.rooms, self.store, token)
         ing = config.ingest
@@ -113,9 +120,16 @@ class Sidecar:
                     starttls=x.starttls,
                     send_text=x.send_text,
                     advertise_url=x.advertise_url,
+                    tls=TlsPolicy(
+                        ca_file=str(x.ca_file) if x.ca_file is not None else "",
+                        pinned_sha256=normalise_fingerprint(x.pinned_cert_sha256 or "") or "",
+                        server_name=x.tls_server_name or "",
+                    ),
                 )
             )
             self.rooms.on_change.append(self._room_changed)
+            self.occupant.on_refused.append(self._join_refused)
+            self.occupant.on_joined.append(self._joined)
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.runner: web.AppRunner | None = None
@@ -130,12 +144,37 @@ class Sidecar:
             return
         if "@" not in room.name:
             return  # not a MUC room (a Jigasi connection id): nothing to join
+        if what == "no_audio":
+            # the moderator who asked (a private message), else the whole room
+            occ.notify(room.name, NO_AUDIO_NOTICE, to=room.requested_by)
+            return
+        if what == "audio":
+            occ.withdraw(room.name, NO_AUDIO_NOTICE)  # not sent yet: no longer true
+            return
         if what == "start" and room.active:
-            occ.join(room.name, room.transcript_id)
-            if occ.send_caption not in room.sinks:
-                room.sinks.append(occ.send_caption)
+            occ.join(room.name, room.transcript_id, password=room.room_password)
+            if "muc" not in room.carriers:
+                name = room.name
+                room.carriers["muc"] = Carrier(
+                    "muc", ready=lambda: occ.joined(name), send=occ.send_caption
+                )
         elif what == "end" or not room.active:
             occ.leave(room.name)
+            room.carriers.pop("muc", None)
+            room.warnings.pop("join", None)
+
+    def _join_refused(self, name: str, reason: str) -> None:
+        room = self.rooms.rooms.get(name)
+        if room is not None:
+            room.warnings["join"] = (
+                f"the transcriber occupant is not in the room, captions go through the "
+                f"videobridge if it is connected: {reason}"
+            )
+
+    def _joined(self, name: str) -> None:
+        room = self.rooms.rooms.get(name)
+        if room is not None:
+            room.warnings.pop("join", None)
 
     def http_app(self) -> web.Application:
         app = web.Application(client_max_size=8 * 1024 * 1024)
@@ -212,6 +251,10 @@ class Sidecar:
         server_obj = getattr(site, "_server", None)
         sockets = getattr(server_obj, "sockets", None) or []
         self.ports.http = sockets[0].getsockname()[1] if sockets else port
+        shown = host if host not in ("0.0.0.0", "::", "") else "SIDECAR-HOST"
+        self.rooms.mediajson_url = (
+            f"ws://{shown}:{self.ports.http}{self.config.ingest.mediajson_path}/{{{{MEETING_ID}}}}"
+        )
 
         if self.rtp is not None:
             self.ports.rtp = await self.rtp.start(*_split(self.config.ingest.rtp_listen))
