@@ -37,6 +37,7 @@ import contextlib
 import logging
 import re
 import time
+import unicodedata
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -54,12 +55,21 @@ from sidecar.config import (
     resolve,
 )
 from sidecar.counters import flush_all
-from sidecar.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from sidecar.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+    clip,
+    shown,
+)
 from sidecar.events import Caption, Frame, TranscriptEntry
 from sidecar.pipeline.segmenter import SegmenterConfig
 from sidecar.pipeline.speaker import FRAMES_DROPPED, GateConfig, SpeakerPipeline
 from sidecar.pipeline.vad import SileroVad
-from sidecar.store.base import TranscriptStore, TranscriptWriter
+from sidecar.store.base import StoreError, TranscriptStore, TranscriptWriter
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +89,16 @@ SPEAKERS_ACTIVE = Gauge("captions_speaker_pipelines", "Speaker pipelines alive")
 TRANSCRIPT_ERRORS = Counter(
     "captions_transcript_write_errors_total", "Finals that could not be written"
 )
+TRANSCRIPTS_FAILING = Gauge(
+    "captions_transcripts_failing",
+    "Rooms whose transcript cannot be written (disk full, read-only); their captions go on",
+)
+TRANSCRIPT_STORE_ERRORS = Counter(
+    "captions_transcript_store_errors_total",
+    "Transcript store operations that failed, by operation (open, append, close)",
+    ["op"],
+)
+UNWRITTEN_MAX = 10_000  # finals a failing transcript keeps in memory to write later
 DRAIN_TIMEOUT = 30.0  # seconds a stop waits for the last finals
 INGEST_SOURCES = ("videobridge", "jigasi")
 CARRIED = Counter(
@@ -99,13 +119,19 @@ _PARTICIPANT_RE = re.compile(r"[A-Za-z0-9._~\-]{1,64}")
 _MEETING_RE = re.compile(r"[A-Za-z0-9._\-]{1,128}")
 
 
+def _invisible(text: str) -> bool:
+    """Format, private-use, unassigned or separator characters: a room name
+    with U+202E (right-to-left override), U+200B or U+2066 reads as another."""
+    return any(unicodedata.category(ch)[0] in "CZ" for ch in text if ord(ch) > 0x7E)
+
+
 def canonical_room(room: str) -> str:
-    if not isinstance(room, str) or not _ROOM_RE.fullmatch(room):
+    if not isinstance(room, str) or not _ROOM_RE.fullmatch(room) or _invisible(room):
         raise InvalidArgument(
             "room",
             f"{room[:80]!r} is not a room name (ROOM or ROOM@conference.HOST; ROOM is "
-            "1..256 characters without spaces, control characters, quotes, slashes, "
-            "'<', '>', '&' or ':')",
+            "1..256 characters without spaces, control or invisible format characters, "
+            "quotes, slashes, '<', '>', '&' or ':')",
         )
     return room.lower()
 
@@ -198,6 +224,19 @@ class Room:
     ingest_connections: int = 0  # open videobridge / Jigasi sockets
     last_audio: float = field(default_factory=time.monotonic)
     source: str = ""  # who started it: "videobridge", "jigasi", or a control API caller
+    # why the transcript cannot be written now ("" when it can); captions go on
+    transcript_error: str = ""
+    unwritten: list[TranscriptEntry] = field(default_factory=list)  # finals to write again
+    # a start call of the control API (Prosody) owns it: it is no longer
+    # only what an ingest socket asked for
+    claimed: bool = False
+    ingest_seen: float = field(default_factory=time.monotonic)  # an ingest socket was open
+
+    @property
+    def provisional(self) -> bool:
+        """Started by an ingest socket alone (no start call of the control API)."""
+        return self.source in INGEST_SOURCES and not self.claimed
+
     # where captions go to the participants' screens, by CARRIERS name
     carriers: dict[str, Carrier] = field(default_factory=dict)
     carrier_by_message: dict[str, str] = field(default_factory=dict)
@@ -253,6 +292,8 @@ class RoomManager:
         max_subscribers_per_room: int = 20,
         gate: GateConfig | None = None,
         ingest_idle_end_s: float = 600.0,
+        provisional_grace_s: float = 5.0,
+        reserved_rooms: int | None = None,
         no_audio_warning_s: float = 10.0,
     ) -> None:
         self.defaults = defaults
@@ -271,6 +312,19 @@ class RoomManager:
         self._ticker: asyncio.Task[None] | None = None
         self.on_change: list[Callable[[Room, str], None]] = []
         self.ingest_idle_end_s = ingest_idle_end_s
+        # a room an ingest socket started, that never got audio, ends this
+        # long after its last socket went
+        self.provisional_grace_s = provisional_grace_s
+        # places under max_rooms that only the control API's starts may take,
+        # so sockets cycling meeting ids never lock real meetings out
+        self.reserved_rooms = (
+            reserved_rooms if reserved_rooms is not None else max(1, max_rooms // 10)
+        )
+        self.reserved_rooms = min(self.reserved_rooms, max(0, max_rooms - 1))
+        # rooms known without being on (subscriptions, rosters, settings ahead
+        # of a start): bounded for memory, never counted under max_rooms
+        self.max_idle_rooms = 4 * max_rooms + 100
+        self._last_provisional_check = time.monotonic()
         # a room on with no audio after this long gets a warning; 0: never
         self.no_audio_warning_s = no_audio_warning_s
         # where the videobridge should connect, for the warning's words
@@ -292,6 +346,9 @@ class RoomManager:
             if now - self._last_reap > 10:
                 self._last_reap = now
                 self._reap_idle_ingest_rooms(now)
+            if now - self._last_provisional_check >= 0.5:
+                self._last_provisional_check = now
+                self._reap_provisional_rooms(now)
             if now - self._last_audio_check >= 0.5:
                 self._last_audio_check = now
                 self._check_no_audio(now)
@@ -312,7 +369,7 @@ class RoomManager:
         transcript open and a place under ``max_rooms`` for ever.
         """
         for r in list(self.rooms.values()):
-            if r.source not in INGEST_SOURCES or r.ingest_connections > 0 or not r.active:
+            if not r.provisional or r.ingest_connections > 0 or not r.active:
                 continue
             last = max((sp.last_arrival for sp in r.speakers.values()), default=r.last_audio)
             if now - max(last, r.last_audio) > self.ingest_idle_end_s:
@@ -320,6 +377,28 @@ class RoomManager:
                 task = asyncio.create_task(self._end_quietly(r.name))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+
+    def _reap_provisional_rooms(self, now: float) -> None:
+        """A room an ingest socket started that never carried audio ends
+        ``provisional_grace_s`` after its last socket went (a bridge that
+        disconnected without ``session-end``, a client cycling meeting ids)."""
+        for r in list(self.rooms.values()):
+            if r.ingest_connections > 0:
+                r.ingest_seen = now
+                continue
+            if not r.active and now - r.ingest_seen > 60:
+                self._forget_if_empty(r)  # a refused start's room
+                continue
+            if not r.provisional or r.audio_seen or not r.active or r.lock.locked():
+                continue
+            if now - r.ingest_seen > self.provisional_grace_s:
+                log.info("room %s: its ingest socket went and no audio came; ending it", r.name)
+                self._end_in_background(r.name)
+
+    def _end_in_background(self, name: str) -> None:
+        task = asyncio.create_task(self._end_quietly(name))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _check_no_audio(self, now: float) -> None:
         """A room switched on that gets no audio says so, once, in words."""
@@ -389,17 +468,80 @@ class RoomManager:
         except KeyError:
             raise NotFound(f"room {name!r} is not known to this sidecar") from None
 
-    def _room(self, room: str, create: bool = True) -> Room:
+    def _room(self, room: str, create: bool = True, *, for_start: bool = False) -> Room:
         name = canonical_room(room)
         r = self.rooms.get(name)
         if r is None:
             if not create:
                 raise NotFound(f"room {name!r} is not known to this sidecar")
-            if len(self.rooms) >= self.max_rooms:
-                raise ResourceExhausted(f"this sidecar serves at most {self.max_rooms} rooms")
+            # a start is bounded by max_rooms when it switches the room on
+            if not for_start and len(self.rooms) >= self.max_rooms + self.max_idle_rooms:
+                raise ResourceExhausted(
+                    f"this sidecar knows {len(self.rooms)} rooms already; start one first"
+                )
             r = Room(name=name, effective=self.defaults)
             self.rooms[name] = r
         return r
+
+    def _forget_if_empty(self, r: Room, *, keep_error: bool = False) -> None:
+        """A room that holds nothing (a refused start, a last subscriber gone) goes.
+
+        ``keep_error``: one whose transcript failed stays a while, so the
+        start of its captions that follows shows why (the ticker clears it).
+        """
+        if r.lock.locked() or self.rooms.get(r.name) is not r:
+            return
+        if keep_error and r.transcript_error:
+            return
+        if not (r.active or r.subscribers or r.roster_known or r.room_settings.set_fields()):
+            del self.rooms[r.name]
+            if r.transcript_error:
+                TRANSCRIPTS_FAILING.set(sum(1 for x in self.rooms.values() if x.transcript_error))
+
+    async def _make_place(self, r: Room, requested_by: str) -> None:
+        """A room about to go on needs a place under ``max_rooms``.
+
+        Ingest sockets (the videobridge, Jigasi) may fill all but
+        ``reserved_rooms`` places. When none is free, a provisional room
+        that never had audio and whose socket is gone is ended to make one;
+        for a control API start, one whose socket is still open too (its
+        bridge gets nothing more, as if its session had ended), and then
+        one whose socket is gone, even if it had audio.
+        """
+        # a room on, or going on (its start waits for its transcript file)
+        on = [x for x in self.rooms.values() if x is not r and (x.active or x.lock.locked())]
+        ingest = requested_by in INGEST_SOURCES
+        full = len(on) >= self.max_rooms
+        if ingest and not full:
+            full = sum(1 for x in on if x.provisional) >= self.max_rooms - self.reserved_rooms
+        if not full:
+            return
+        spare = [x for x in on if x.active and x.provisional and not x.lock.locked()]
+        victims = sorted(
+            (x for x in spare if not x.audio_seen and (not ingest or x.ingest_connections == 0)),
+            key=lambda x: (x.ingest_connections, x.ingest_seen),
+        )
+        if not victims and not ingest:
+            # then one whose socket is gone, the longest silent first
+            victims = sorted(
+                (x for x in spare if x.ingest_connections == 0),
+                key=lambda x: max(
+                    (sp.last_arrival for sp in x.speakers.values()), default=x.last_audio
+                ),
+            )
+        if not victims:
+            what = "rooms started by the videobridge or Jigasi" if ingest else "rooms"
+            raise ResourceExhausted(
+                f"this sidecar serves at most {self.max_rooms} rooms"
+                + (f" ({self.max_rooms - self.reserved_rooms} {what})" if ingest else "")
+            )
+        victim = victims[0]
+        log.warning(
+            "room %s: ended to make a place for room %s (it never had audio)",
+            victim.name,
+            r.name,
+        )
+        await self._end_quietly(victim.name)
 
     def _resolve(self, room: Room, start: RoomSettings | None = None) -> EffectiveSettings:
         try:
@@ -434,17 +576,20 @@ class RoomManager:
 
         ``room_password``: the MUC room's password (the dial's
         ``JvbRoomPassword``), for the transcriber occupant."""
-        r = self._room(room)
+        r = self._room(room, for_start=True)
         # one change at a time per room: a start must not interleave with a
         # stop that is still draining, or with the room being ended
-        async with r.lock:
-            if self.rooms.get(r.name) is not r:
-                r = self._room(room)  # it was ended meanwhile: a new one
-            if room_password:
-                r.room_password = room_password[:256]
-            return await self._start_locked(
-                r, kind, settings, trigger, requested_by, live, meeting_id
-            )
+        try:
+            async with r.lock:
+                if self.rooms.get(r.name) is not r:
+                    r = self._room(room, for_start=True)  # it was ended meanwhile: a new one
+                if room_password:
+                    r.room_password = room_password[:256]
+                return await self._start_locked(
+                    r, kind, settings, trigger, requested_by, live, meeting_id
+                )
+        finally:
+            self._forget_if_empty(r, keep_error=True)
 
     async def _start_locked(
         self,
@@ -467,6 +612,11 @@ class RoomManager:
                 f"(configured: {sorted(self.recognizers)})"
             )
         was_active = r.active
+        if not was_active:
+            r.source = requested_by  # counted from now on, by whom it is for
+            await self._make_place(r, requested_by)
+        if requested_by not in INGEST_SOURCES:
+            r.claimed = True
         if meeting_id:
             if not _MEETING_RE.fullmatch(meeting_id):
                 raise InvalidArgument("meeting_id", "1..128 characters of [A-Za-z0-9._-]")
@@ -483,11 +633,21 @@ class RoomManager:
         if not was_active:
             r.trigger = trigger
             r.source = requested_by
-            r.last_audio = r.active_since = time.monotonic()
+            r.last_audio = r.active_since = r.ingest_seen = time.monotonic()
             r.audio_seen = False
             r.warnings.pop("no_audio", None)
         if kind == "transcription" and not r.transcribing:
-            r.writer = await asyncio.to_thread(self.store.open, r.name, language=eff.language)
+            try:
+                r.writer = await asyncio.to_thread(self.store.open, r.name, language=eff.language)
+            except (StoreError, OSError) as e:
+                # captions need no disk: the caller (or the ingest's fallback)
+                # still gets them, and the room's status says what is wrong
+                self._transcript_failed(r, "open", e)
+                raise Unavailable(
+                    f"the transcript of room {r.name} cannot be written ({clip(str(e), 200)}); "
+                    "captions work without it"
+                ) from e
+            self._transcript_ok(r)
             r.transcribing = True
             log.info("room %s: transcription on (%s) -> %s", r.name, requested_by, r.writer.id)
         elif kind == "captions" and not r.captioning:
@@ -530,8 +690,35 @@ class RoomManager:
             writer, r.writer = r.writer, None
             if writer is not None:
                 async with r.write_lock:
-                    meta = await asyncio.to_thread(writer.close)
-                log.info("room %s: transcript %s saved (%d entries)", r.name, meta.id, meta.entries)
+                    await self._write_unwritten(r, writer)
+                    lost = len(r.unwritten)
+                    r.unwritten.clear()
+                    try:
+                        # finals it could not take make it incomplete
+                        meta = await asyncio.to_thread(writer.close, lost == 0)
+                    except (StoreError, OSError) as e:
+                        self._transcript_failed(r, "close", e)
+                        log.warning(
+                            "room %s: transcript %s could not be finished (%s); what it "
+                            "holds stays on disk and is finished at the next start",
+                            r.name,
+                            writer.id,
+                            clip(str(e), 200),
+                        )
+                    else:
+                        log.info(
+                            "room %s: transcript %s saved (%d entries)",
+                            r.name,
+                            meta.id,
+                            meta.entries,
+                        )
+                    if lost:
+                        log.error(
+                            "room %s: %d finals could not be written to transcript %s",
+                            r.name,
+                            lost,
+                            writer.id,
+                        )
         else:
             r.captioning = False
         if not r.active:
@@ -582,6 +769,8 @@ class RoomManager:
         r.subscribers.clear()
         if self.rooms.get(r.name) is r:
             del self.rooms[r.name]
+        if r.transcript_error:
+            TRANSCRIPTS_FAILING.set(sum(1 for x in self.rooms.values() if x.transcript_error))
         for ssrc in [k for k, v in self.ssrcs.items() if v[0] == r.name]:
             del self.ssrcs[ssrc]
         if r.meeting_id and self.meetings.get(r.meeting_id) == r.name:
@@ -625,12 +814,11 @@ class RoomManager:
         left: list[str] | None = None,
     ) -> Room:
         r = self._room(room)
-        for p in participants:
-            if not valid_participant(p.id):
-                raise InvalidArgument(
-                    "participants.id",
-                    f"{p.id[:80]!r} is not an endpoint id ([A-Za-z0-9._~-]{{1,64}})",
-                )
+        try:
+            self._check_roster(r, participants)
+        except ServiceError:
+            self._forget_if_empty(r)
+            raise
         if replace:
             gone = set(r.roster) - {p.id for p in participants}
             r.roster = {}
@@ -650,6 +838,29 @@ class RoomManager:
             await self._drop_speaker(r, pid)
         await self._auto_start(r)
         return r
+
+    def _check_roster(self, r: Room, participants: list[Participant]) -> None:
+        """Refuse the whole update, before any change, when it is not valid.
+
+        An SSRC already mapped in another live room is refused: plain RTP is
+        routed by SSRC alone, so taking it over would send that room's
+        speech into this one's captions and transcript. (Within one room a
+        newer mapping replaces the older: a participant who rejoined.)
+        """
+        for p in participants:
+            if not valid_participant(p.id):
+                raise InvalidArgument(
+                    "participants.id",
+                    f"{shown(p.id)} is not an endpoint id ([A-Za-z0-9._~-]{{1,64}})",
+                )
+            for ssrc in p.ssrcs[:16]:
+                owner = self.ssrcs.get(ssrc)
+                if owner is not None and owner[0] != r.name and owner[0] in self.rooms:
+                    raise FailedPrecondition(
+                        f"participants.ssrcs: SSRC {ssrc} of participant {p.id} is mapped "
+                        "in another room; one SSRC feeds one room (end that room or send "
+                        "its roster without it first)"
+                    )
 
     async def finish_speaker(self, room: str, pid: str) -> None:
         """A participant's audio source ended: its open utterance gets its final."""
@@ -795,14 +1006,56 @@ class RoomManager:
             )
             writer = r.writer
             async with r.write_lock:
-                try:
-                    await asyncio.to_thread(writer.append, entry)
-                except Exception:
-                    TRANSCRIPT_ERRORS.inc()
-                    log.exception("room %s: transcript write failed", r.name)
+                r.unwritten.append(entry)
+                await self._write_unwritten(r, writer)
         if r.live:
             FINAL_LATENCY.observe(max(0.0, (time.time() * 1000 - cap.end_time_ms) / 1000))
         self._publish(r, cap)
+
+    async def _write_unwritten(self, r: Room, writer: TranscriptWriter) -> None:
+        """Write the finals waiting for the disk, oldest first (under ``write_lock``).
+
+        A disk that refuses them keeps them in memory (at most
+        ``UNWRITTEN_MAX``) for the next final or the close to try again.
+        """
+        if not r.unwritten:
+            return
+
+        def write() -> Exception | None:
+            while r.unwritten:
+                try:
+                    writer.append(r.unwritten[0])
+                except Exception as e:  # StoreError, or a bug: the captions go on
+                    return e
+                del r.unwritten[0]
+            return None
+
+        err = await asyncio.to_thread(write)
+        if err is None:
+            self._transcript_ok(r)
+            return
+        TRANSCRIPT_ERRORS.inc()
+        self._transcript_failed(r, "append", err)
+        if len(r.unwritten) > UNWRITTEN_MAX:
+            dropped = len(r.unwritten) - UNWRITTEN_MAX
+            del r.unwritten[:dropped]
+            log.error("room %s: %d finals lost: the transcript cannot be written", r.name, dropped)
+
+    def _transcript_failed(self, r: Room, op: str, e: BaseException) -> None:
+        TRANSCRIPT_STORE_ERRORS.labels(op).inc()
+        if not r.transcript_error:
+            # once per outage, not once per final
+            log.warning("room %s: transcript %s failed: %s", r.name, op, clip(str(e), 300))
+        r.transcript_error = f"transcript {op} failed: {clip(str(e), 300)}"
+        r.warnings["transcript"] = f"room {r.name}: {r.transcript_error}; captions go on"
+        TRANSCRIPTS_FAILING.set(sum(1 for x in self.rooms.values() if x.transcript_error))
+
+    def _transcript_ok(self, r: Room) -> None:
+        if r.transcript_error:
+            log.info("room %s: the transcript is written again", r.name)
+            r.transcript_error = ""
+            r.warnings.pop("transcript", None)
+            TRANSCRIPTS_FAILING.set(sum(1 for x in self.rooms.values() if x.transcript_error))
 
     def _publish(self, r: Room, cap: Caption) -> None:
         r.captions_sent += 1
@@ -846,10 +1099,7 @@ class RoomManager:
             return
         r.subscribers.discard(sub)
         # a room made only for a subscription leaves with its last subscriber
-        if r.lock.locked():
-            return  # a start is under way
-        if not (r.active or r.subscribers or r.roster_known or r.room_settings.set_fields()):
-            del self.rooms[r.name]
+        self._forget_if_empty(r)
 
 
 def _iso(ms: int) -> str:
