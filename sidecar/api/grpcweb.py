@@ -41,7 +41,6 @@ from google.protobuf.message_factory import GetMessageClass
 
 from sidecar.api.metrics import API_DURATION
 from sidecar.api.metrics import API_REQUESTS as REQUESTS_TOTAL
-
 from sidecar.errors import clip
 
 __all__ = [
