@@ -1,10 +1,10 @@
-# Targets: install, demo, serve, test, test-fast, test-prosody13, lint, bench, bench-delivery, proto, dashboards, ansible-test
+# Targets: install, demo, serve, test, test-fast, test-prosody13, lint, bench, bench-delivery, proto, dashboards, ansible-test, fuzz
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 SILERO_VAD := silero-vad==6.2.3
 
-.PHONY: install demo serve test test-fast test-prosody13 lint bench bench-delivery proto dashboards ansible-test clean
+.PHONY: install demo serve test test-fast test-prosody13 lint bench bench-delivery proto dashboards ansible-test fuzz clean
 
 install: $(VENV)/.installed
 
@@ -67,6 +67,13 @@ bench-delivery: install
 # Grafana dashboards and Prometheus alert rules, from dashboards/generate.py
 dashboards: install
 	$(PY) dashboards/generate.py
+# the fuzzers of tests/test_fuzz.py at length, new random inputs each run;
+# figures to docs/fuzz-figures.json (make test runs 60 fixed inputs each)
+FUZZ_EXAMPLES ?= 20000
+fuzz: install
+	rm -f docs/fuzz-figures.json
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_RANDOM=1 FUZZ_REPORT=docs/fuzz-figures.json \
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
 
 proto: install
 	PYTHON=$(PY) scripts/gen_proto.sh

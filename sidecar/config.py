@@ -15,6 +15,7 @@ Two kinds of settings live here:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
 import tomllib
@@ -24,6 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Self
 
+from sidecar.errors import shown
 from sidecar.proto.captions.v1 import captions_pb2
 
 __all__ = [
@@ -157,7 +159,7 @@ def canonical_language(code: str, field: str = "language") -> str:
     canonical = _LANGUAGE_LOOKUP.get(key) if key is not None else None
     if canonical is None:
         raise SettingError(
-            field, f"{code!r} is not a supported language (one of: {', '.join(LANGUAGES)})"
+            field, f"{shown(code)} is not a supported language (one of: {', '.join(LANGUAGES)})"
         )
     return canonical
 
@@ -218,7 +220,7 @@ class Mode(StrEnum):
             return cls(value)
         except ValueError:
             allowed = ", ".join(m.value for m in cls)
-            raise SettingError(field, f"{value!r} is not one of {allowed}") from None
+            raise SettingError(field, f"{shown(value)} is not one of {allowed}") from None
 
 
 class Trigger(StrEnum):
@@ -244,7 +246,7 @@ class Trigger(StrEnum):
             return cls(value)
         except ValueError:
             allowed = ", ".join(t.value for t in cls)
-            raise SettingError(field, f"{value!r} is not one of {allowed}") from None
+            raise SettingError(field, f"{shown(value)} is not one of {allowed}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -253,13 +255,14 @@ class Trigger(StrEnum):
 PROVIDERS: tuple[str, ...] = ("whisper", "azure", "google")
 MAX_SPEECH_CAPTION_MS_RANGE: tuple[int, int] = (5000, 10000)
 SILENCE_DURATION_MS_RANGE: tuple[int, int] = (300, 2000)
+MAX_TRANSLATION_LANGUAGES = 10
 
 
 def _check_int(field: str, value: object, bounds: tuple[int, int]) -> int:
     lo, hi = bounds
     # bool is an int subclass; True would silently become 1.
     if not isinstance(value, int) or isinstance(value, bool):
-        raise SettingError(field, f"{value!r} is not an integer ({lo}..{hi})")
+        raise SettingError(field, f"{shown(value)} is not an integer ({lo}..{hi})")
     if not lo <= value <= hi:
         raise SettingError(field, f"{value} is out of range ({lo}..{hi})")
     return value
@@ -270,7 +273,7 @@ def _check_mode(field: str, value: object) -> Mode:
         return value
     if isinstance(value, str):
         return Mode.parse(value, field)
-    raise SettingError(field, f"{value!r} is not one of {', '.join(Mode)}")
+    raise SettingError(field, f"{shown(value)} is not one of {', '.join(Mode)}")
 
 
 def _check_trigger(field: str, value: object) -> Trigger:
@@ -278,21 +281,27 @@ def _check_trigger(field: str, value: object) -> Trigger:
         return value
     if isinstance(value, str):
         return Trigger.parse(value, field)
-    raise SettingError(field, f"{value!r} is not one of {', '.join(Trigger)}")
+    raise SettingError(field, f"{shown(value)} is not one of {', '.join(Trigger)}")
 
 
 def _check_translation_languages(value: object) -> tuple[str, ...]:
     name = "translation_languages"
     if isinstance(value, str) or not isinstance(value, Iterable):
-        raise SettingError(name, f"{value!r} is not a list of language codes")
+        raise SettingError(name, f"{shown(value)} is not a list of language codes")
+    codes = list(itertools.islice(value, 4 * MAX_TRANSLATION_LANGUAGES + 1))
+    if len(codes) > 4 * MAX_TRANSLATION_LANGUAGES:
+        raise SettingError(name, f"at most {MAX_TRANSLATION_LANGUAGES} distinct languages")
     result: list[str] = []
-    for code in value:
+    for code in codes:
         canonical = canonical_language(code, name)
         if canonical == "auto":
             raise SettingError(name, "'auto' is not a translation target (name a language)")
         # Duplicates would translate and send the same caption twice.
         if canonical not in result:
             result.append(canonical)
+            if len(result) > MAX_TRANSLATION_LANGUAGES:
+                # each one is a translation of every caption
+                raise SettingError(name, f"at most {MAX_TRANSLATION_LANGUAGES} distinct languages")
     return tuple(result)
 
 
@@ -345,12 +354,16 @@ class RoomSettings:
             silence = _check_int("silence_duration_ms", silence, SILENCE_DURATION_MS_RANGE)
         interim = self.interim_results
         if interim is not None and not isinstance(interim, bool):
-            raise SettingError("interim_results", f"{interim!r} is not a boolean (true or false)")
+            raise SettingError(
+                "interim_results", f"{shown(interim)} is not a boolean (true or false)"
+            )
         provider = self.provider
         if provider is not None:
             key = provider.strip().lower() if isinstance(provider, str) else None
             if key not in PROVIDERS:
-                raise SettingError("provider", f"{provider!r} is not one of {', '.join(PROVIDERS)}")
+                raise SettingError(
+                    "provider", f"{shown(provider)} is not one of {', '.join(PROVIDERS)}"
+                )
             provider = key
         translations = self.translation_languages
         if translations is not None:
@@ -592,7 +605,7 @@ def _key(
 def _check_listen(value: str) -> str | None:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        return f"{value!r} is not HOST:PORT (port 0..65535, e.g. 127.0.0.1:8088 or [::]:8088)"
+        return f"{shown(value)} is not HOST:PORT (port 0..65535, e.g. 127.0.0.1:8088 or [::]:8088)"
     return None
 
 
@@ -672,7 +685,7 @@ class LimitsConfig:
 
 def _check_path_prefix(value: str) -> str | None:
     if not value.startswith("/") or value.endswith("/") or " " in value:
-        return f"{value!r} must start with '/', not end with '/', and have no spaces"
+        return f"{shown(value)} must start with '/', not end with '/', and have no spaces"
     return None
 
 
@@ -1037,7 +1050,7 @@ _ALL_SECTIONS = (*_SECTIONS, "defaults")
 
 
 def _describe(value: object) -> str:
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {shown(value)}"
 
 
 def _from_toml(spec: _Spec, value: object) -> object:
@@ -1072,13 +1085,13 @@ def _from_env(spec: _Spec, raw: str) -> object:
         try:
             return int(text)
         except ValueError:
-            raise TypeError(f"expected an integer, got {raw!r}") from None
+            raise TypeError(f"expected an integer, got {shown(raw)}") from None
     if spec.kind == "bool":
         if text.lower() in _TRUE:
             return True
         if text.lower() in _FALSE:
             return False
-        raise TypeError(f"expected true/false, 1/0, yes/no or on/off, got {raw!r}")
+        raise TypeError(f"expected true/false, 1/0, yes/no or on/off, got {shown(raw)}")
     if spec.kind == "path":
         if not text:
             raise TypeError("expected a path, got an empty string")
@@ -1097,7 +1110,7 @@ def _problem(spec: _Spec, value: object) -> str | None:
         if not lo <= value <= hi:
             return f"{value} is out of range ({lo}..{hi})"
     if spec.choices is not None and isinstance(value, str) and value not in spec.choices:
-        return f"{value!r} is not one of {', '.join(spec.choices)}"
+        return f"{shown(value)} is not one of {', '.join(spec.choices)}"
     if spec.check is not None:
         return spec.check(value)
     return None
@@ -1204,7 +1217,8 @@ def _check_model(whisper: WhisperConfig, values: dict[str, _Value]) -> None:
             raise ConfigError(
                 values[key].source,
                 f"whisper.{key}",
-                f"{name!r} is neither a bundled model ({', '.join(BUNDLED_WHISPER_MODELS)}) "
+                f"{shown(name, 200)} is neither a bundled model "
+                f"({', '.join(BUNDLED_WHISPER_MODELS)}) "
                 "nor the directory of a CTranslate2 model",
             )
     if whisper.whisper_model_multilingual == "tiny.en":

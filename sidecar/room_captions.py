@@ -15,13 +15,15 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from sidecar.asr.base import Hypothesis
+from sidecar.errors import clip
 from sidecar.events import Caption, TranscriptEntry
 from sidecar.pipeline.speaker import SpeakerPipeline
 from sidecar.room_events import CaptionPublished, RoomEvent, SessionFailed
 from sidecar.room_model import Room
+from sidecar.store.base import TranscriptWriter
 
 if TYPE_CHECKING:
     from sidecar.rooms import RoomManager
@@ -44,6 +46,16 @@ FIRST_INTERIM_LATENCY = Histogram(
 TRANSCRIPT_ERRORS = Counter(
     "captions_transcript_write_errors_total", "Finals that could not be written"
 )
+TRANSCRIPTS_FAILING = Gauge(
+    "captions_transcripts_failing",
+    "Rooms whose transcript cannot be written (disk full, read-only); their captions go on",
+)
+TRANSCRIPT_STORE_ERRORS = Counter(
+    "captions_transcript_store_errors_total",
+    "Transcript store operations that failed, by operation (open, append, close)",
+    ["op"],
+)
+UNWRITTEN_MAX = 10_000  # finals a failing transcript keeps in memory to write later
 CARRIED = Counter(
     "captions_carried_total",
     "Captions sent to the participants, by carrier (each on exactly one)",
@@ -102,25 +114,70 @@ class CaptionOutput:
             )
             writer = r.writer
             async with r.write_lock:
-                try:
-                    await asyncio.to_thread(writer.append, entry)
-                except Exception as e:
-                    TRANSCRIPT_ERRORS.inc()
-                    log.exception("room %s: transcript write failed", r.name)
-                    if not r.write_failed:
-                        r.write_failed = True  # said once per transcript
-                        self.m._emit(
-                            SessionFailed(
-                                room=r.name,
-                                kind="transcription",
-                                cause="store_write",
-                                message=str(e)[:500],
-                                transcript_id=writer.id,
-                            )
-                        )
+                r.unwritten.append(entry)
+                await self.write_unwritten(r, writer)
         if r.live:
             FINAL_LATENCY.observe(max(0.0, (time.time() * 1000 - cap.end_time_ms) / 1000))
         self.publish(r, cap)
+
+    async def write_unwritten(self, r: Room, writer: TranscriptWriter) -> None:
+        """Write the finals waiting for the disk, oldest first (under ``write_lock``).
+
+        A disk that refuses them keeps them in memory (at most
+        ``UNWRITTEN_MAX``) for the next final or the close to try again.
+        """
+        if not r.unwritten:
+            return
+
+        def write() -> Exception | None:
+            while r.unwritten:
+                try:
+                    writer.append(r.unwritten[0])
+                except Exception as e:  # StoreError, or a bug: the captions go on
+                    return e
+                del r.unwritten[0]
+            return None
+
+        err = await asyncio.to_thread(write)
+        if err is None:
+            self.transcript_ok(r)
+            return
+        TRANSCRIPT_ERRORS.inc()
+        self.transcript_failed(r, "append", err, transcript_id=writer.id)
+        if len(r.unwritten) > UNWRITTEN_MAX:
+            dropped = len(r.unwritten) - UNWRITTEN_MAX
+            del r.unwritten[:dropped]
+            log.error("room %s: %d finals lost: the transcript cannot be written", r.name, dropped)
+
+    def transcript_failed(
+        self, r: Room, op: str, e: BaseException, *, transcript_id: str = ""
+    ) -> None:
+        """The store refused ``op`` (open, append, close): said once per outage."""
+        TRANSCRIPT_STORE_ERRORS.labels(op).inc()
+        if not r.transcript_error:
+            # once per outage, not once per final
+            log.warning("room %s: transcript %s failed: %s", r.name, op, clip(str(e), 300))
+            if op == "append":
+                # open and close failures are published by the manager, which knows more
+                self.m._emit(
+                    SessionFailed(
+                        room=r.name,
+                        kind="transcription",
+                        cause="store_write",
+                        message=clip(str(e), 500),
+                        transcript_id=transcript_id,
+                    )
+                )
+        r.transcript_error = f"transcript {op} failed: {clip(str(e), 300)}"
+        r.warnings["transcript"] = f"room {r.name}: {r.transcript_error}; captions go on"
+        TRANSCRIPTS_FAILING.set(sum(1 for x in self.m.rooms.values() if x.transcript_error))
+
+    def transcript_ok(self, r: Room) -> None:
+        if r.transcript_error:
+            log.info("room %s: the transcript is written again", r.name)
+            r.transcript_error = ""
+            r.warnings.pop("transcript", None)
+            TRANSCRIPTS_FAILING.set(sum(1 for x in self.m.rooms.values() if x.transcript_error))
 
     def publish(self, r: Room, cap: Caption) -> None:
         r.captions_sent += 1

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import re
 import time
+import unicodedata
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ from prometheus_client import Counter
 from sidecar.asr.streaming import DecodingStream
 from sidecar.config import EffectiveSettings, RoomSettings, Trigger
 from sidecar.errors import InvalidArgument
-from sidecar.events import Caption
+from sidecar.events import Caption, TranscriptEntry
 from sidecar.pipeline.speaker import SpeakerPipeline
 from sidecar.store.base import TranscriptWriter
 
@@ -47,13 +48,19 @@ _PARTICIPANT_RE = re.compile(r"[A-Za-z0-9._~\-]{1,64}")
 _MEETING_RE = re.compile(r"[A-Za-z0-9._\-]{1,128}")
 
 
+def _invisible(text: str) -> bool:
+    """Format, private-use, unassigned or separator characters: a room name
+    with U+202E (right-to-left override), U+200B or U+2066 reads as another."""
+    return any(unicodedata.category(ch)[0] in "CZ" for ch in text if ord(ch) > 0x7E)
+
+
 def canonical_room(room: str) -> str:
-    if not isinstance(room, str) or not _ROOM_RE.fullmatch(room):
+    if not isinstance(room, str) or not _ROOM_RE.fullmatch(room) or _invisible(room):
         raise InvalidArgument(
             "room",
             f"{room[:80]!r} is not a room name (ROOM or ROOM@conference.HOST; ROOM is "
-            "1..256 characters without spaces, control characters, quotes, slashes, "
-            "'<', '>', '&' or ':')",
+            "1..256 characters without spaces, control or invisible format characters, "
+            "quotes, slashes, '<', '>', '&' or ':')",
         )
     return room.lower()
 
@@ -138,7 +145,6 @@ class Room:
     captions_sent: int = 0
     live: bool = True  # false for files decoded faster than real time
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    write_failed: bool = False  # a final could not be written to this transcript
     first_interim_seen: set[str] = field(default_factory=set)
     pending: set[asyncio.Task[None]] = field(default_factory=set)
     meeting_id: str = ""
@@ -147,6 +153,19 @@ class Room:
     ingest_connections: int = 0  # open videobridge / Jigasi sockets
     last_audio: float = field(default_factory=time.monotonic)
     source: str = ""  # who started it: "videobridge", "jigasi", or a control API caller
+    # why the transcript cannot be written now ("" when it can); captions go on
+    transcript_error: str = ""
+    unwritten: list[TranscriptEntry] = field(default_factory=list)  # finals to write again
+    # a start call of the control API (Prosody) owns it: it is no longer
+    # only what an ingest socket asked for
+    claimed: bool = False
+    ingest_seen: float = field(default_factory=time.monotonic)  # an ingest socket was open
+
+    @property
+    def provisional(self) -> bool:
+        """Started by an ingest socket alone (no start call of the control API)."""
+        return self.source in INGEST_SOURCES and not self.claimed
+
     # where captions go to the participants' screens, by CARRIERS name
     carriers: dict[str, Carrier] = field(default_factory=dict)
     carrier_by_message: dict[str, str] = field(default_factory=dict)

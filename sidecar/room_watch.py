@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter
 
 from sidecar.counters import flush_all
-from sidecar.room_model import INGEST_SOURCES, Room
+from sidecar.room_model import Room
 
 if TYPE_CHECKING:
     from sidecar.rooms import RoomManager
@@ -45,6 +45,9 @@ class RoomWatch:
             if now - self.m._last_reap > 10:
                 self.m._last_reap = now
                 self.reap_idle_ingest_rooms(now)
+            if now - self.m._last_provisional_check >= 0.5:
+                self.m._last_provisional_check = now
+                self.reap_provisional_rooms(now)
             if now - self.m._last_audio_check >= 0.5:
                 self.m._last_audio_check = now
                 self.check_no_audio(now)
@@ -65,7 +68,7 @@ class RoomWatch:
         transcript open and a place under ``max_rooms`` for ever.
         """
         for r in list(self.m.rooms.values()):
-            if r.source not in INGEST_SOURCES or r.ingest_connections > 0 or not r.active:
+            if not r.provisional or r.ingest_connections > 0 or not r.active:
                 continue
             last = max((sp.last_arrival for sp in r.speakers.values()), default=r.last_audio)
             if now - max(last, r.last_audio) > self.m.ingest_idle_end_s:
@@ -73,6 +76,23 @@ class RoomWatch:
                 task = asyncio.create_task(self.m._end_quietly(r.name, reason="idle"))
                 self.m._background.add(task)
                 task.add_done_callback(self.m._background.discard)
+
+    def reap_provisional_rooms(self, now: float) -> None:
+        """A room an ingest socket started that never carried audio ends
+        ``provisional_grace_s`` after its last socket went (a bridge that
+        disconnected without ``session-end``, a client cycling meeting ids)."""
+        for r in list(self.m.rooms.values()):
+            if r.ingest_connections > 0:
+                r.ingest_seen = now
+                continue
+            if not r.active and now - r.ingest_seen > 60:
+                self.m._forget_if_empty(r)  # a refused start's room
+                continue
+            if not r.provisional or r.audio_seen or not r.active or r.lock.locked():
+                continue
+            if now - r.ingest_seen > self.m.provisional_grace_s:
+                log.info("room %s: its ingest socket went and no audio came; ending it", r.name)
+                self.m._end_in_background(r.name, reason="idle")
 
     def check_no_audio(self, now: float) -> None:
         """A room switched on that gets no audio says so, once, in words."""

@@ -58,12 +58,21 @@ from sidecar.config import (
     Trigger,
     resolve,
 )
-from sidecar.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from sidecar.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+    clip,
+    shown,
+)
 from sidecar.events import Caption, Frame
 from sidecar.pipeline.segmenter import SegmenterConfig
 from sidecar.pipeline.speaker import GateConfig, SpeakerPipeline
 from sidecar.pipeline.vad import SileroVad
-from sidecar.room_captions import CaptionOutput
+from sidecar.room_captions import TRANSCRIPTS_FAILING, CaptionOutput
 from sidecar.room_events import (
     EventBus,
     RoomEnded,
@@ -88,7 +97,7 @@ from sidecar.room_model import (
 from sidecar.room_session import IngestSession
 from sidecar.room_speakers import DRAIN_TIMEOUT, SpeakerPool
 from sidecar.room_watch import RoomWatch
-from sidecar.store.base import TranscriptStore
+from sidecar.store.base import StoreError, TranscriptStore, TranscriptWriter
 
 __all__ = [
     "CARRIERS",
@@ -122,6 +131,8 @@ class RoomManager:
         max_subscribers_per_room: int = 20,
         gate: GateConfig | None = None,
         ingest_idle_end_s: float = 600.0,
+        provisional_grace_s: float = 5.0,
+        reserved_rooms: int | None = None,
         no_audio_warning_s: float = 10.0,
         events: EventBus | None = None,
         transcript_link: Callable[[str], str] | None = None,
@@ -153,6 +164,19 @@ class RoomManager:
         self._ticker: asyncio.Task[None] | None = None
         self.on_change: list[Callable[[Room, str], None]] = []
         self.ingest_idle_end_s = ingest_idle_end_s
+        # a room an ingest socket started, that never got audio, ends this
+        # long after its last socket went
+        self.provisional_grace_s = provisional_grace_s
+        # places under max_rooms that only the control API's starts may take,
+        # so sockets cycling meeting ids never lock real meetings out
+        self.reserved_rooms = (
+            reserved_rooms if reserved_rooms is not None else max(1, max_rooms // 10)
+        )
+        self.reserved_rooms = min(self.reserved_rooms, max(0, max_rooms - 1))
+        # rooms known without being on (subscriptions, rosters, settings ahead
+        # of a start): bounded for memory, never counted under max_rooms
+        self.max_idle_rooms = 4 * max_rooms + 100
+        self._last_provisional_check = time.monotonic()
         # a room on with no audio after this long gets a warning; 0: never
         self.no_audio_warning_s = no_audio_warning_s
         # where the videobridge should connect, for the warning's words
@@ -168,6 +192,11 @@ class RoomManager:
 
     def _audio_arrived(self, r: Room) -> None:
         self.watch.audio_arrived(r)
+
+    def _end_in_background(self, name: str, reason: str = "room_ended") -> None:
+        task = asyncio.create_task(self._end_quietly(name, reason=reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _end_quietly(self, name: str, reason: str = "room_ended") -> None:
         with contextlib.suppress(NotFound):
@@ -200,17 +229,80 @@ class RoomManager:
         except KeyError:
             raise NotFound(f"room {name!r} is not known to this sidecar") from None
 
-    def _room(self, room: str, create: bool = True) -> Room:
+    def _room(self, room: str, create: bool = True, *, for_start: bool = False) -> Room:
         name = canonical_room(room)
         r = self.rooms.get(name)
         if r is None:
             if not create:
                 raise NotFound(f"room {name!r} is not known to this sidecar")
-            if len(self.rooms) >= self.max_rooms:
-                raise ResourceExhausted(f"this sidecar serves at most {self.max_rooms} rooms")
+            # a start is bounded by max_rooms when it switches the room on
+            if not for_start and len(self.rooms) >= self.max_rooms + self.max_idle_rooms:
+                raise ResourceExhausted(
+                    f"this sidecar knows {len(self.rooms)} rooms already; start one first"
+                )
             r = Room(name=name, effective=self.defaults)
             self.rooms[name] = r
         return r
+
+    def _forget_if_empty(self, r: Room, *, keep_error: bool = False) -> None:
+        """A room that holds nothing (a refused start, a last subscriber gone) goes.
+
+        ``keep_error``: one whose transcript failed stays a while, so the
+        start of its captions that follows shows why (the ticker clears it).
+        """
+        if r.lock.locked() or self.rooms.get(r.name) is not r:
+            return
+        if keep_error and r.transcript_error:
+            return
+        if not (r.active or r.subscribers or r.roster_known or r.room_settings.set_fields()):
+            del self.rooms[r.name]
+            if r.transcript_error:
+                TRANSCRIPTS_FAILING.set(sum(1 for x in self.rooms.values() if x.transcript_error))
+
+    async def _make_place(self, r: Room, requested_by: str) -> None:
+        """A room about to go on needs a place under ``max_rooms``.
+
+        Ingest sockets (the videobridge, Jigasi) may fill all but
+        ``reserved_rooms`` places. When none is free, a provisional room
+        that never had audio and whose socket is gone is ended to make one;
+        for a control API start, one whose socket is still open too (its
+        bridge gets nothing more, as if its session had ended), and then
+        one whose socket is gone, even if it had audio.
+        """
+        # a room on, or going on (its start waits for its transcript file)
+        on = [x for x in self.rooms.values() if x is not r and (x.active or x.lock.locked())]
+        ingest = requested_by in INGEST_SOURCES
+        full = len(on) >= self.max_rooms
+        if ingest and not full:
+            full = sum(1 for x in on if x.provisional) >= self.max_rooms - self.reserved_rooms
+        if not full:
+            return
+        spare = [x for x in on if x.active and x.provisional and not x.lock.locked()]
+        victims = sorted(
+            (x for x in spare if not x.audio_seen and (not ingest or x.ingest_connections == 0)),
+            key=lambda x: (x.ingest_connections, x.ingest_seen),
+        )
+        if not victims and not ingest:
+            # then one whose socket is gone, the longest silent first
+            victims = sorted(
+                (x for x in spare if x.ingest_connections == 0),
+                key=lambda x: max(
+                    (sp.last_arrival for sp in x.speakers.values()), default=x.last_audio
+                ),
+            )
+        if not victims:
+            what = "rooms started by the videobridge or Jigasi" if ingest else "rooms"
+            raise ResourceExhausted(
+                f"this sidecar serves at most {self.max_rooms} rooms"
+                + (f" ({self.max_rooms - self.reserved_rooms} {what})" if ingest else "")
+            )
+        victim = victims[0]
+        log.warning(
+            "room %s: ended to make a place for room %s (it never had audio)",
+            victim.name,
+            r.name,
+        )
+        await self._end_quietly(victim.name)
 
     def _resolve(self, room: Room, start: RoomSettings | None = None) -> EffectiveSettings:
         try:
@@ -252,17 +344,20 @@ class RoomManager:
 
         ``room_password``: the MUC room's password (the dial's
         ``JvbRoomPassword``), for the transcriber occupant."""
-        r = self._room(room)
+        r = self._room(room, for_start=True)
         # one change at a time per room: a start must not interleave with a
         # stop that is still draining, or with the room being ended
-        async with r.lock:
-            if self.rooms.get(r.name) is not r:
-                r = self._room(room)  # it was ended meanwhile: a new one
-            if room_password:
-                r.room_password = room_password[:256]
-            return await self._start_locked(
-                r, kind, settings, trigger, requested_by, live, meeting_id
-            )
+        try:
+            async with r.lock:
+                if self.rooms.get(r.name) is not r:
+                    r = self._room(room, for_start=True)  # it was ended meanwhile: a new one
+                if room_password:
+                    r.room_password = room_password[:256]
+                return await self._start_locked(
+                    r, kind, settings, trigger, requested_by, live, meeting_id
+                )
+        finally:
+            self._forget_if_empty(r, keep_error=True)
 
     async def _start_locked(
         self,
@@ -285,6 +380,11 @@ class RoomManager:
                 f"(configured: {sorted(self.recognizers)})"
             )
         was_active = r.active
+        if not was_active:
+            r.source = requested_by  # counted from now on, by whom it is for
+            await self._make_place(r, requested_by)
+        if requested_by not in INGEST_SOURCES:
+            r.claimed = True
         if meeting_id:
             if not _MEETING_RE.fullmatch(meeting_id):
                 raise InvalidArgument("meeting_id", "1..128 characters of [A-Za-z0-9._-]")
@@ -301,14 +401,31 @@ class RoomManager:
         if not was_active:
             r.trigger = trigger
             r.source = requested_by
-            r.last_audio = r.active_since = time.monotonic()
+            r.last_audio = r.active_since = r.ingest_seen = time.monotonic()
             r.audio_seen = False
             r.warnings.pop("no_audio", None)
         switched_on = False
         if kind == "transcription" and not r.transcribing:
-            r.writer = await asyncio.to_thread(self.store.open, r.name, language=eff.language)
+            try:
+                r.writer = await asyncio.to_thread(self.store.open, r.name, language=eff.language)
+            except (StoreError, OSError) as e:
+                # captions need no disk: the caller (or the ingest's fallback)
+                # still gets them, and the room's status says what is wrong
+                self._transcript_failed(r, "open", e)
+                self._emit(
+                    SessionFailed(
+                        room=r.name,
+                        kind="transcription",
+                        cause="store_open",
+                        message=clip(str(e), 500),
+                    )
+                )
+                raise Unavailable(
+                    f"the transcript of room {r.name} cannot be written ({clip(str(e), 200)}); "
+                    "captions work without it"
+                ) from e
+            self._transcript_ok(r)
             r.transcribing = switched_on = True
-            r.write_failed = False
             log.info("room %s: transcription on (%s) -> %s", r.name, requested_by, r.writer.id)
         elif kind == "captions" and not r.captioning:
             r.captioning = switched_on = True
@@ -364,22 +481,46 @@ class RoomManager:
             if writer is not None:
                 transcript_id = writer.id
                 async with r.write_lock:
+                    await self._write_unwritten(r, writer)
+                    lost = len(r.unwritten)
+                    r.unwritten.clear()
                     try:
-                        meta = await asyncio.to_thread(writer.close)
-                    except Exception as e:
+                        # finals it could not take make it incomplete
+                        meta = await asyncio.to_thread(writer.close, lost == 0)
+                    except (StoreError, OSError) as e:
+                        self._transcript_failed(r, "close", e)
                         self._emit(
                             SessionFailed(
                                 room=r.name,
                                 kind="transcription",
                                 cause="store_close",
-                                message=str(e)[:500],
+                                message=clip(str(e), 500),
                                 transcript_id=writer.id,
                             )
                         )
-                        raise
-                log.info("room %s: transcript %s saved (%d entries)", r.name, meta.id, meta.entries)
-                link = self.transcript_link(meta.id) if self.transcript_link else ""
-                ready = TranscriptReady(room=r.name, meta=meta, url=link)
+                        log.warning(
+                            "room %s: transcript %s could not be finished (%s); what it "
+                            "holds stays on disk and is finished at the next start",
+                            r.name,
+                            writer.id,
+                            clip(str(e), 200),
+                        )
+                    else:
+                        log.info(
+                            "room %s: transcript %s saved (%d entries)",
+                            r.name,
+                            meta.id,
+                            meta.entries,
+                        )
+                        link = self.transcript_link(meta.id) if self.transcript_link else ""
+                        ready = TranscriptReady(room=r.name, meta=meta, url=link)
+                    if lost:
+                        log.error(
+                            "room %s: %d finals could not be written to transcript %s",
+                            r.name,
+                            lost,
+                            writer.id,
+                        )
         else:
             r.captioning = False
         if not r.active:
@@ -433,6 +574,8 @@ class RoomManager:
         r.subscribers.clear()
         if self.rooms.get(r.name) is r:
             del self.rooms[r.name]
+        if r.transcript_error:
+            TRANSCRIPTS_FAILING.set(sum(1 for x in self.rooms.values() if x.transcript_error))
         for ssrc in [k for k, v in self.ssrcs.items() if v[0] == r.name]:
             del self.ssrcs[ssrc]
         if r.meeting_id and self.meetings.get(r.meeting_id) == r.name:
@@ -477,12 +620,11 @@ class RoomManager:
         left: list[str] | None = None,
     ) -> Room:
         r = self._room(room)
-        for p in participants:
-            if not valid_participant(p.id):
-                raise InvalidArgument(
-                    "participants.id",
-                    f"{p.id[:80]!r} is not an endpoint id ([A-Za-z0-9._~-]{{1,64}})",
-                )
+        try:
+            self._check_roster(r, participants)
+        except ServiceError:
+            self._forget_if_empty(r)
+            raise
         if replace:
             gone = set(r.roster) - {p.id for p in participants}
             r.roster = {}
@@ -503,6 +645,29 @@ class RoomManager:
         await self._auto_start(r)
         return r
 
+    def _check_roster(self, r: Room, participants: list[Participant]) -> None:
+        """Refuse the whole update, before any change, when it is not valid.
+
+        An SSRC already mapped in another live room is refused: plain RTP is
+        routed by SSRC alone, so taking it over would send that room's
+        speech into this one's captions and transcript. (Within one room a
+        newer mapping replaces the older: a participant who rejoined.)
+        """
+        for p in participants:
+            if not valid_participant(p.id):
+                raise InvalidArgument(
+                    "participants.id",
+                    f"{shown(p.id)} is not an endpoint id ([A-Za-z0-9._~-]{{1,64}})",
+                )
+            for ssrc in p.ssrcs[:16]:
+                owner = self.ssrcs.get(ssrc)
+                if owner is not None and owner[0] != r.name and owner[0] in self.rooms:
+                    raise FailedPrecondition(
+                        f"participants.ssrcs: SSRC {ssrc} of participant {p.id} is mapped "
+                        "in another room; one SSRC feeds one room (end that room or send "
+                        "its roster without it first)"
+                    )
+
     async def _auto_start(self, r: Room) -> None:
         eff = r.effective
         n = len(r.roster)
@@ -519,6 +684,15 @@ class RoomManager:
                     r.name, kind, r.start_settings, trigger=eff.trigger, requested_by="auto"
                 )
 
+    def _transcript_failed(self, r: Room, op: str, e: BaseException) -> None:
+        self.captions.transcript_failed(r, op, e)
+
+    def _transcript_ok(self, r: Room) -> None:
+        self.captions.transcript_ok(r)
+
+    async def _write_unwritten(self, r: Room, writer: TranscriptWriter) -> None:
+        await self.captions.write_unwritten(r, writer)
+
     # -- subscriptions ------------------------------------------------------
     def subscribe(self, room: str, include_interims: bool) -> Subscriber:
         r = self._room(room)
@@ -534,7 +708,4 @@ class RoomManager:
             return
         r.subscribers.discard(sub)
         # a room made only for a subscription leaves with its last subscriber
-        if r.lock.locked():
-            return  # a start is under way
-        if not (r.active or r.subscribers or r.roster_known or r.room_settings.set_fields()):
-            del self.rooms[r.name]
+        self._forget_if_empty(r)

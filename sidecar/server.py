@@ -43,6 +43,11 @@ from sidecar.xmpp.transcriber import TranscriberOccupant, TranscriberOptions
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "captions.v1.Captions"
+# an HTTP client must send its request headers within this long of
+# connecting (or of its previous response), and a gRPC-Web body within
+# BODY_TIMEOUT_S of its headers: half-sent requests hold nothing for longer
+HEADER_TIMEOUT_S = 15.0
+BODY_TIMEOUT_S = 15.0
 NO_AUDIO_NOTICE = (
     "Captions are on, but no audio reaches the transcriber, so no captions can appear. "
     "The administrator should check the videobridge export (jicofo.transcription."
@@ -197,7 +202,11 @@ class Sidecar:
         app.router.add_get("/healthz", self._healthz)
         service = captions_pb2.DESCRIPTOR.services_by_name["Captions"]
         GrpcWebGateway(
-            self.service, service, allow_origin=self.config.server.allow_origin
+            self.service,
+            service,
+            allow_origin=self.config.server.allow_origin,
+            authorize=self.service.authorized_headers,
+            body_timeout_s=BODY_TIMEOUT_S,
         ).add_routes(app)
         self.mediajson.add_routes(app, self.config.ingest.mediajson_path)
         self.skynet.add_routes(app, self.config.ingest.skynet_path)
@@ -250,7 +259,15 @@ class Sidecar:
         await server.start()
         self.grpc_server = server
 
-        self.runner = web.AppRunner(self.http_app(), access_log=None)
+        # aiohttp's keep-alive timer runs from the connection's start until a
+        # request's headers are in: it is the header read timeout (aiohttp
+        # has no other), and it closes idle keep-alive connections too
+        self.runner = web.AppRunner(
+            self.http_app(),
+            access_log=None,
+            keepalive_timeout=HEADER_TIMEOUT_S,
+            lingering_time=2.0,  # reading what a refused request still sends
+        )
         await self.runner.setup()
         host, port = _split(self.config.server.http_listen)
         site = web.TCPSite(self.runner, host, port)

@@ -34,13 +34,14 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 import grpc.aio
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
 from sidecar.api.metrics import API_DURATION
 from sidecar.api.metrics import API_REQUESTS as REQUESTS_TOTAL
+from sidecar.errors import clip
 
 __all__ = [
     "CONTENT_TYPE_PROTO",
@@ -234,11 +235,38 @@ def decode_text(data: bytes) -> bytes:
 def encode_grpc_message(message: str) -> str:
     """Percent-encode a status message as the gRPC spec asks for ``grpc-message``.
 
-    UTF-8 bytes outside printable ASCII, and ``%`` itself, become ``%XX``.
+    UTF-8 bytes outside printable ASCII, and ``%`` itself, become ``%XX``;
+    so do spaces at either end, which an HTTP header would lose.
     """
-    return "".join(
+    out = "".join(
         chr(b) if 0x20 <= b <= 0x7E and b != 0x25 else f"%{b:02X}" for b in message.encode("utf-8")
     )
+    stripped = out.strip(" ")
+    if stripped != out:
+        head = len(out) - len(out.lstrip(" "))
+        tail = len(out) - head - len(stripped)
+        out = "%20" * head + stripped + "%20" * tail
+    return out
+
+
+MESSAGE_MAX_CHARS = 1024  # characters of a status message sent
+MESSAGE_MAX_ENCODED = 2048  # bytes of its percent-encoded form
+
+
+def clip_grpc_message(message: str) -> str:
+    """A status message short enough for any header block.
+
+    A caller's value echoed in an error must not make the ``grpc-message``
+    header pass a proxy's 8 KB (or native gRPC's 16 KB metadata) limit.
+    """
+    if len(message) * 12 <= MESSAGE_MAX_ENCODED:
+        return message  # fast path: even all-4-byte characters (%XX%XX%XX%XX) fit
+    limit = MESSAGE_MAX_CHARS
+    while True:
+        out = clip(message, limit)
+        if len(encode_grpc_message(out)) <= MESSAGE_MAX_ENCODED or limit <= 64:
+            return out
+        limit = limit * 2 // 3
 
 
 def decode_grpc_message(value: str) -> str:
@@ -259,7 +287,10 @@ def encode_trailers(
     metadata: Iterable[tuple[str, str | bytes]] = (),
 ) -> bytes:
     """Payload of a trailer frame: ``grpc-status``, ``grpc-message``, then metadata."""
-    lines = [f"grpc-status:{code.value[0]}", f"grpc-message:{encode_grpc_message(message)}"]
+    lines = [
+        f"grpc-status:{code.value[0]}",
+        f"grpc-message:{encode_grpc_message(clip_grpc_message(message))}",
+    ]
     for key, value in metadata:
         text = _metadata_value(key, value)
         if "\r" in text or "\n" in text:
@@ -350,6 +381,10 @@ class GrpcWebServicerContext:
         self._cancelled = False
         self._done = False
         self._callbacks: list[DoneCallback] = []
+        # set by the gateway for a server stream: sends the response headers
+        self._send_headers: (
+            Callable[[Sequence[tuple[str, str | bytes]]], Awaitable[None]] | None
+        ) = None
 
     # grpc.aio API ----------------------------------------------------------
     def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
@@ -418,6 +453,17 @@ class GrpcWebServicerContext:
     def done(self) -> bool:
         """True once the call has finished, whatever the outcome."""
         return self._done
+
+    async def send_initial_metadata(self, metadata: Sequence[tuple[str, str | bytes]]) -> None:
+        """Send the response headers now (grpc.aio's call of the same name).
+
+        A stream that may wait long for its first message calls this so
+        that clients and proxies waiting for headers do not time out.
+        """
+        if self._send_headers is None:
+            return
+        send, self._send_headers = self._send_headers, None
+        await send(tuple(metadata))
 
     def time_remaining(self) -> float | None:
         """Seconds left before the ``grpc-timeout`` deadline; None without one."""
@@ -508,6 +554,12 @@ class GrpcWebGateway:
     ``max_message_bytes`` bounds both the request body and each request
     message. With ``allow_origin`` set, CORS preflights are answered and
     responses carry the CORS headers browsers need to read the status.
+
+    ``authorize`` sees the request headers before a byte of the body is
+    read: a call it refuses is answered UNAUTHENTICATED at once and its body
+    never buffered. ``body_timeout_s`` bounds the time a client may take to
+    send its body (a client that sends headers and then trickles, or
+    nothing, holds no connection and no memory for longer).
     """
 
     def __init__(
@@ -517,9 +569,13 @@ class GrpcWebGateway:
         *,
         max_message_bytes: int = 4 * 1024 * 1024,
         allow_origin: str | None = None,
+        authorize: Callable[[Any], bool] | None = None,
+        body_timeout_s: float = 15.0,
     ) -> None:
         if max_message_bytes <= 0:
             raise ValueError("max_message_bytes must be positive")
+        self._authorize = authorize
+        self._body_timeout_s = body_timeout_s
         self._servicer = servicer
         self._service = service_descriptor.full_name
         self._max = max_message_bytes
@@ -588,18 +644,39 @@ class GrpcWebGateway:
                 raise _StatusError(
                     grpc.StatusCode.UNIMPLEMENTED, f"Method not found: /{self._service}/{name}"
                 )
+            if self._authorize is not None and not self._authorize(request.headers):
+                # before the body: an unauthenticated client gets no buffer
+                raise _StatusError(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "missing or wrong bearer token (metadata 'authorization: Bearer <token>')",
+                )
             timeout_s = self._timeout(request)
             ctx = GrpcWebServicerContext(request, timeout_s=timeout_s)
+            body_s = self._body_timeout_s
             try:
-                async with asyncio.timeout(timeout_s):
+                async with asyncio.timeout(body_s if timeout_s is None else min(timeout_s, body_s)):
                     message = await self._read_request(request, method, text)
             except TimeoutError:
-                raise _StatusError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+                if timeout_s is not None and timeout_s <= body_s:
+                    raise _StatusError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"
+                    ) from None
+                raise _StatusError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"the request body did not arrive within {body_s:g} s",
+                ) from None
+            except (ConnectionError, EOFError, ClientPayloadError) as exc:
+                # the client went away mid-body: nothing to answer, nothing to trace
+                log.info("gRPC-Web %s: the client left before its body was read (%s)", name, exc)
+                ctx._cancelled = True
+                ctx._finish()
+                REQUESTS_TOTAL.labels("grpc-web", label, grpc.StatusCode.CANCELLED.name).inc()
+                return web.Response(status=499)
         except _StatusError as exc:
             if ctx is not None:
                 ctx._finish()
             REQUESTS_TOTAL.labels("grpc-web", label, exc.status.code.name).inc()
-            return await self._send_trailers_only(request, exc.status, text)
+            return await self._send_trailers_only(request, exc.status, text, close=True)
 
         assert method is not None and ctx is not None
         # Stays CANCELLED if aiohttp cancels this handler (shutdown) mid-call.
@@ -768,6 +845,20 @@ class GrpcWebGateway:
             except ConnectionError as exc:
                 raise _ClientGoneError from exc
 
+        async def send_headers(metadata: Sequence[tuple[str, str | bytes]]) -> None:
+            if resp.prepared:
+                return
+            for key, value in metadata:
+                text_value = _metadata_value(key, value)
+                if "\r" not in text_value and "\n" not in text_value:
+                    resp.headers[key.lower()] = text_value
+            try:
+                await resp.prepare(request)
+            except ConnectionError as exc:
+                raise _ClientGoneError from exc
+
+        ctx._send_headers = send_headers
+
         async def pump() -> _Status:
             agen: AsyncIterator[Message] | None = None
             timeout = ctx.time_remaining()
@@ -886,8 +977,10 @@ class GrpcWebGateway:
         return headers
 
     async def _send_trailers_only(
-        self, request: web.Request, status: _Status, text: bool
+        self, request: web.Request, status: _Status, text: bool, *, close: bool = False
     ) -> web.StreamResponse:
+        """``close``: the body may be unread; close the connection instead of
+        draining it (an unauthenticated or oversized body is never read)."""
         headers = self._headers(text)
         # Trailers-only: the status and trailing metadata in the headers for
         # clients that read only those, and the trailer frame for the others.
@@ -896,15 +989,21 @@ class GrpcWebGateway:
             if "\r" not in text_value and "\n" not in text_value:
                 headers[key.lower()] = text_value
         headers["grpc-status"] = str(status.code.value[0])
-        headers["grpc-message"] = encode_grpc_message(status.details)
+        headers["grpc-message"] = encode_grpc_message(clip_grpc_message(status.details))
         frame = encode_frame(encode_trailers(status.code, status.details, status.trailing), True)
         resp = web.Response(status=200, headers=headers)
         resp.body = base64.b64encode(frame) if text else frame
+        unread = close and not request.content.is_eof()
+        if unread:
+            resp.force_close()
         try:
             await resp.prepare(request)
             await resp.write_eof()
         except ConnectionError:
             pass  # the client is gone; nothing left to tell it
+        if unread and request.protocol is not None:
+            # not aiohttp's lingering read of the rest: the answer is out, go
+            request.protocol.force_close()
         return resp
 
 

@@ -25,7 +25,7 @@ from sidecar.config import (
     trigger_to_proto,
 )
 from sidecar.config import Trigger as TriggerEnum
-from sidecar.errors import InvalidArgument, ServiceError
+from sidecar.errors import InvalidArgument, ServiceError, clip, shown
 from sidecar.events import Caption
 from sidecar.proto.captions.v1 import captions_pb2 as pb
 from sidecar.proto.captions.v1 import captions_pb2_grpc as pb_grpc
@@ -53,6 +53,13 @@ _STATUS = {
 
 
 def _error_status(e: Exception) -> tuple[grpc.StatusCode, str]:
+    code, message = _error_status_full(e)
+    # never a whole caller's value in the status: native metadata over 16 KB
+    # fails the call as RESOURCE_EXHAUSTED instead of the real error
+    return code, clip(message)
+
+
+def _error_status_full(e: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(e, ServiceError):
         return _STATUS.get(e.code, grpc.StatusCode.INTERNAL), str(e)
     if isinstance(e, SettingError):
@@ -94,6 +101,13 @@ class CaptionsService(pb_grpc.CaptionsServicer):
         self.store = store
         self._token = token.encode()
 
+    def authorized_headers(self, headers: Any) -> bool:
+        """The token check on HTTP headers, for the gRPC-Web gateway to make
+        before it reads a request's body."""
+        value = headers.get("authorization", "")
+        presented = value[7:].strip().encode() if value[:7].lower() == "bearer " else b""
+        return bool(presented) and hmac.compare_digest(presented, self._token)
+
     async def _authenticate(self, context: Any) -> None:
         presented = b""
         for key, value in context.invocation_metadata() or ():
@@ -122,6 +136,7 @@ class CaptionsService(pb_grpc.CaptionsServicer):
             trigger=trigger_to_proto(r.trigger),
             warning=r.warning,
             caption_carrier=r.carrier if r.captioning else "",
+            transcript_error=r.transcript_error,
         )
 
     @staticmethod
@@ -244,7 +259,7 @@ class CaptionsService(pb_grpc.CaptionsServicer):
     ) -> pb.DeleteTranscriptResponse:
         deleted = await asyncio.to_thread(self.store.delete, request.id)
         if not deleted:
-            raise TranscriptNotFound(f"no transcript {request.id!r}")
+            raise TranscriptNotFound(f"no transcript {shown(request.id)}")
         return pb.DeleteTranscriptResponse(deleted=True)
 
     async def SubscribeCaptions(
@@ -258,6 +273,9 @@ class CaptionsService(pb_grpc.CaptionsServicer):
             await context.abort(code, message)
             return
         try:
+            # headers now, not with the first caption: a quiet room must not
+            # look like a dead call to a proxy or browser waiting for them
+            await context.send_initial_metadata(())
             async for cap in sub:
                 yield caption_to_proto(cap)
         finally:

@@ -577,7 +577,7 @@ class MediaJsonEndpoint:
         if not isinstance(body, dict):
             raise CloseConnection(CLOSE_INVALID, "media without a body", "malformed")
         tag = body.get("tag")
-        if tag not in conn.sources:
+        if not isinstance(tag, str) or tag not in conn.sources:  # a list is unhashable
             MESSAGES.labels("unknown_source").inc()
             return
         endpoint = conn.sources[tag]

@@ -24,13 +24,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import struct
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from sidecar.events import Frame
 from sidecar.rooms import RoomManager
@@ -70,6 +72,15 @@ for _outcome in OUTCOMES:
     # export every outcome at 0 so dashboards and alerts see the series from the start
     RTP_PACKETS.labels(_outcome)
 
+KERNEL_DROPS = Gauge(
+    "captions_rtp_socket_drops",
+    "Datagrams the kernel dropped on the RTP socket before the sidecar read them "
+    "(receive buffer full), from /proc/net/udp; grows only",
+)
+RECEIVE_BUFFER = Gauge(
+    "captions_rtp_receive_buffer_bytes", "The RTP socket's receive buffer as the kernel set it"
+)
+
 RTP_VERSION = 2
 FIXED_HEADER = 12  # RFC 3550 5.1: V/P/X/CC, M/PT, sequence, timestamp, SSRC
 _FIXED = struct.Struct("!BBHII")
@@ -82,7 +93,10 @@ ONE_BYTE_STOP_ID = 15  # RFC 8285 4.2: reserved; parsing stops there
 # feedback and XR types 205..207 that gateways send); RTP avoids PT 64..95.
 RTCP_SECOND_OCTET = range(192, 224)
 UDP_MAX_PAYLOAD = 65_535  # larger datagrams cannot exist; reading more would waste memory
-RECV_BUFFER_BYTES = 1 << 20  # absorbs a stalled event loop of about a second of many streams
+# a burst of 50 000 small packets a second needs room for a stalled loop's
+# worth: the kernel counts about 1 KB per queued datagram (skb overhead)
+RECV_BUFFER_BYTES = 32 << 20
+READ_BATCH = 256  # datagrams read per wake-up of the event loop
 
 LOG_INTERVAL_S = 60.0
 _LOG_KEYS_MAX = 1024  # distinct (SSRC, reason) pairs remembered for rate limiting
@@ -241,6 +255,55 @@ def _find_element(
     return found
 
 
+def _raise_receive_buffer(sock: socket.socket, size: int) -> int:
+    """Ask for a ``size`` receive buffer; returns what the kernel gave.
+
+    ``SO_RCVBUFFORCE`` passes ``net.core.rmem_max`` (about 208 KB by default)
+    with CAP_NET_ADMIN; without it ``SO_RCVBUF`` is capped there, and a
+    warning says how to raise the cap.
+    """
+    # Python's socket module lacks the constant; Linux's value is 33
+    force = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform == "linux" else None)
+    done = False
+    if force is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+            done = True
+        except OSError:
+            pass
+    if not done:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    # Linux reports twice the value set (its bookkeeping overhead included)
+    got = int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)) // 2
+    if got < size // 2:
+        log.warning(
+            "rtp: the receive buffer is %d KB, not the %d KB asked for: a burst of "
+            "packets is lost while the event loop is busy (raise net.core.rmem_max, "
+            "e.g. sysctl -w net.core.rmem_max=%d, or run with CAP_NET_ADMIN)",
+            got // 1024,
+            size // 1024,
+            size,
+        )
+    return got
+
+
+def socket_drops(inode: int) -> int | None:
+    """The kernel's drop count of the UDP socket with ``inode`` (Linux ``/proc/net/udp*``)."""
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(table, encoding="ascii") as f:
+                next(f, None)  # the column names
+                for line in f:
+                    cols = line.split()
+                    # sl local rem st tx:rx tr:tm retrnsmt uid timeout inode ref pointer drops
+                    if len(cols) >= 13 and cols[9] == str(inode):
+                        return int(cols[12])
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 class _LogLimiter:
     """At most one line per key per interval, and a cap on all lines together."""
 
@@ -313,6 +376,12 @@ class RtpIngest(asyncio.DatagramProtocol):
         self._limiter = _LogLimiter()
         # bound children, so the hot path skips the label lookup
         self._count = {o: RTP_PACKETS.labels(o) for o in OUTCOMES}
+        self._sock: socket.socket | None = None
+        self._inode: int | None = None
+        self._draining = False
+        # one more byte than a datagram can hold, so an oversized one shows
+        self._buf = bytearray(UDP_MAX_PAYLOAD + 1)
+        self.receive_buffer_bytes = 0
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self, host: str, port: int) -> int:
@@ -321,20 +390,41 @@ class RtpIngest(asyncio.DatagramProtocol):
             raise RuntimeError("RtpIngest is already listening")
         loop = asyncio.get_running_loop()
         self._loop = loop
-        transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            # the default buffer (~200 KB) overflows when the loop stalls
-            # for a moment under many streams; the kernel may cap the value
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER_BYTES)
-        bound = int(transport.get_extra_info("sockname")[1])
-        log.info("rtp: listening on %s:%d/udp", host, bound)
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            self.receive_buffer_bytes = _raise_receive_buffer(sock, RECV_BUFFER_BYTES)
+            sock.bind(addr)
+            await loop.create_datagram_endpoint(lambda: self, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._inode = os.fstat(sock.fileno()).st_ino
+        RECEIVE_BUFFER.set(self.receive_buffer_bytes)
+        KERNEL_DROPS.set_function(self.kernel_drops)
+        bound = int(sock.getsockname()[1])
+        log.info(
+            "rtp: listening on %s:%d/udp (receive buffer %d KB)",
+            host,
+            bound,
+            self.receive_buffer_bytes // 1024,
+        )
         return bound
+
+    def kernel_drops(self) -> float:
+        """Datagrams the kernel dropped on this socket (0 when not listening)."""
+        if self._inode is None:
+            return 0.0
+        return float(socket_drops(self._inode) or 0)
 
     def close(self) -> None:
         """Stop listening. Idempotent."""
         transport, self.transport = self.transport, None
+        self._sock = None
         if transport is not None:
             transport.close()
 
@@ -354,6 +444,29 @@ class RtpIngest(asyncio.DatagramProtocol):
 
     # -- packets -----------------------------------------------------------
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self._one(data, addr)
+        # asyncio reads one datagram per wake-up; at 50 000 a second the
+        # wake-ups alone lose the race with the kernel's buffer, so read on
+        # while datagrams are queued (up to READ_BATCH, then let others run)
+        sock = self._sock
+        if sock is None or self._draining:
+            return
+        self._draining = True
+        buf = self._buf
+        try:
+            for _ in range(READ_BATCH - 1):
+                try:
+                    n, addr = sock.recvfrom_into(buf)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    self.error_received(exc)
+                    break
+                self._one(bytes(buf[:n]), addr)
+        finally:
+            self._draining = False
+
+    def _one(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         try:
             outcome = self._handle(data, addr)
         except Exception:

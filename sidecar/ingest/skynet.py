@@ -50,6 +50,7 @@ from sidecar.errors import (
     NotFound,
     ResourceExhausted,
     ServiceError,
+    Unavailable,
 )
 from sidecar.events import Caption, Frame
 from sidecar.ingest.common import CloseConnection, TokenBucket
@@ -259,10 +260,14 @@ class _Connection:
             MESSAGES.labels("short").inc()
             self.warn_once("short", "dropped a %d-byte message (no 60-byte header)", len(data))
             return
+        raw = data[:HEADER_BYTES].rstrip(b"\x00")
         try:
-            header = data[:HEADER_BYTES].rstrip(b"\x00").decode("utf-8")
-        except UnicodeDecodeError:
-            raise CloseConnection(1007, "the header is not UTF-8", "bad_header") from None
+            header = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            # a character cut by the 60-byte field is dropped; anything else is not UTF-8
+            if e.end != len(raw) or e.reason != "unexpected end of data":
+                raise CloseConnection(1007, "the header is not UTF-8", "bad_header") from None
+            header = raw[: e.start].decode("utf-8")
         pid, _, language = header.partition("|")
         pid = pid.strip()
         if not valid_participant(pid):
@@ -544,7 +549,12 @@ class SkynetEndpoint:
                     existing.transcribing if kind == "transcription" else existing.captioning
                 ):
                     continue
-                await self.rooms.start(room, kind, settings, requested_by=REQUESTED_BY)
+                try:
+                    await self.rooms.start(room, kind, settings, requested_by=REQUESTED_BY)
+                except Unavailable:
+                    if kind == "captions":
+                        raise
+                    # the transcript cannot be written: captions need no disk
         except InvalidArgument as e:
             return web.Response(status=400, text=f"{e}\n")
         except FailedPrecondition as e:

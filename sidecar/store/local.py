@@ -118,6 +118,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _os_reason(exc: OSError) -> str:
+    """``ENOSPC (No space left on device)``: short, and without a caller's path."""
+    name = errno.errorcode.get(exc.errno or 0, "")
+    text = exc.strerror or str(exc)
+    return f"{name} ({text})" if name else text
+
+
 def _meta_bytes(meta: TranscriptMeta) -> bytes:
     return (json.dumps(meta.to_dict(), indent=2) + "\n").encode("ascii")
 
@@ -339,17 +346,30 @@ class LocalTranscriptWriter(TranscriptWriter):
                 written = os.write(self._fd, line)
             except OSError as exc:
                 self._cut_back()
-                raise StoreError(f"transcript {self.id}: could not append: {exc}") from exc
+                raise StoreError(
+                    f"transcript {self.id}: could not append: {_os_reason(exc)}"
+                ) from exc
             if written != len(line):
+                # a short write is how a filling disk first shows; the next
+                # write of the rest names the reason (ENOSPC, EDQUOT, EFBIG)
+                reason = "the disk took no more"
+                try:
+                    os.write(self._fd, line[written:])
+                except OSError as exc:
+                    reason = _os_reason(exc)
                 self._cut_back()
                 raise StoreError(
-                    f"transcript {self.id}: short write ({written} of {len(line)} bytes)"
+                    f"transcript {self.id}: short write ({written} of {len(line)} bytes): {reason}"
                 )
-            self._size += written
             try:
                 os.fsync(self._fd)
             except OSError as exc:
-                raise StoreError(f"transcript {self.id}: could not sync: {exc}") from exc
+                # not durable, so not written: the caller may try the line again
+                self._cut_back()
+                raise StoreError(
+                    f"transcript {self.id}: could not sync: {_os_reason(exc)}"
+                ) from exc
+            self._size += written
             self.meta.entries += 1
             WRITE_SECONDS.observe(time.monotonic() - t0)
             WRITTEN_BYTES.inc(written)
@@ -384,7 +404,9 @@ class LocalTranscriptWriter(TranscriptWriter):
                 except FileNotFoundError:
                     log.info("transcript %s was deleted while open; nothing to finish", self.id)
                 except OSError as exc:
-                    raise StoreError(f"transcript {self.id}: could not close: {exc}") from exc
+                    raise StoreError(
+                        f"transcript {self.id}: could not close: {_os_reason(exc)}"
+                    ) from exc
             finally:
                 # Closing the descriptor also drops the flock that marks us live.
                 os.close(self._fd)
@@ -435,7 +457,24 @@ class LocalDirStore(TranscriptStore):
     def open(
         self, room: str, *, language: str, started_at: datetime | None = None
     ) -> LocalTranscriptWriter:
-        """Create a session ``<yyyymmddTHHMMSSZ>-<room slug>-<8 hex>`` and return its writer."""
+        """Create a session ``<yyyymmddTHHMMSSZ>-<room slug>-<8 hex>`` and return its writer.
+
+        Raises:
+            StoreError: when the disk refuses (full, read-only, gone); nothing
+                of the attempt is left behind.
+        """
+        try:
+            return self._open(room, language=language, started_at=started_at)
+        except StoreError:
+            raise
+        except OSError as exc:
+            raise StoreError(
+                f"cannot open a transcript under {self.root}: {_os_reason(exc)}"
+            ) from exc
+
+    def _open(
+        self, room: str, *, language: str, started_at: datetime | None = None
+    ) -> LocalTranscriptWriter:
         if not isinstance(room, str):
             raise TypeError(f"room must be a str, got {type(room).__name__}")
         start = datetime.now(UTC) if started_at is None else started_at

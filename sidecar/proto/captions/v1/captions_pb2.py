@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61ptions/v1/captions.proto\x12\x0b\x63\x61ptions.v1\"\xdf\x03\n\x08Settings\x12\x15\n\x08language\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x32\n\x12transcription_mode\x18\x02 \x01(\x0e\x32\x11.captions.v1.ModeH\x01\x88\x01\x01\x12-\n\rcaptions_mode\x18\x03 \x01(\x0e\x32\x11.captions.v1.ModeH\x02\x88\x01\x01\x12*\n\x07trigger\x18\x04 \x01(\x0e\x32\x14.captions.v1.TriggerH\x03\x88\x01\x01\x12\"\n\x15max_speech_caption_ms\x18\x05 \x01(\rH\x04\x88\x01\x01\x12 \n\x13silence_duration_ms\x18\x06 \x01(\rH\x05\x88\x01\x01\x12\x1c\n\x0finterim_results\x18\x07 \x01(\x08H\x06\x88\x01\x01\x12\x15\n\x08provider\x18\x08 \x01(\tH\x07\x88\x01\x01\x12\x1d\n\x15translation_languages\x18\t \x03(\tB\x0b\n\t_languageB\x15\n\x13_transcription_modeB\x10\n\x0e_captions_modeB\n\n\x08_triggerB\x18\n\x16_max_speech_caption_msB\x16\n\x14_silence_duration_msB\x12\n\x10_interim_resultsB\x0b\n\t_provider\"\xad\x01\n\x0cStartRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\'\n\x08settings\x18\x02 \x01(\x0b\x32\x15.captions.v1.Settings\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\x12%\n\x07trigger\x18\x04 \x01(\x0e\x32\x14.captions.v1.Trigger\x12\x12\n\nmeeting_id\x18\x05 \x01(\t\x12\x15\n\rroom_password\x18\x06 \x01(\t\"D\n\x0bStopRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\'\n\x06reason\x18\x02 \x01(\x0e\x32\x17.captions.v1.StopReason\"N\n\x15UpdateSettingsRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\'\n\x08settings\x18\x02 \x01(\x0b\x32\x15.captions.v1.Settings\"J\n\x0bParticipant\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\navatar_url\x18\x03 \x01(\t\x12\r\n\x05ssrcs\x18\x04 \x03(\r\"r\n\x13UpdateRosterRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12.\n\x0cparticipants\x18\x02 \x03(\x0b\x32\x18.captions.v1.Participant\x12\x0f\n\x07replace\x18\x03 \x01(\x08\x12\x0c\n\x04left\x18\x04 \x03(\t\"\x1b\n\x0bRoomRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"\x9c\x02\n\nRoomStatus\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x14\n\x0ctranscribing\x18\x02 \x01(\x08\x12\x12\n\ncaptioning\x18\x03 \x01(\x08\x12(\n\teffective\x18\x04 \x01(\x0b\x32\x15.captions.v1.Settings\x12\x15\n\rtranscript_id\x18\x05 \x01(\t\x12\x14\n\x0cparticipants\x18\x06 \x01(\r\x12\x17\n\x0f\x61\x63tive_speakers\x18\x07 \x01(\r\x12\x15\n\rcaptions_sent\x18\x08 \x01(\x04\x12%\n\x07trigger\x18\t \x01(\x0e\x32\x14.captions.v1.Trigger\x12\x0f\n\x07warning\x18\n \x01(\t\x12\x17\n\x0f\x63\x61ption_carrier\x18\x0b \x01(\t\"\x12\n\x10ListRoomsRequest\";\n\x11ListRoomsResponse\x12&\n\x05rooms\x18\x01 \x03(\x0b\x32\x17.captions.v1.RoomStatus\"\x96\x01\n\x0eTranscriptInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\x12\n\nstarted_at\x18\x03 \x01(\t\x12\x10\n\x08\x65nded_at\x18\x04 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x05 \x01(\r\x12\x10\n\x08\x63omplete\x18\x06 \x01(\x08\x12\x0f\n\x07\x66ormats\x18\x07 \x03(\t\x12\x10\n\x08language\x18\x08 \x01(\t\"5\n\x16ListTranscriptsRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"K\n\x17ListTranscriptsResponse\x12\x30\n\x0btranscripts\x18\x01 \x03(\x0b\x32\x1b.captions.v1.TranscriptInfo\"2\n\x14GetTranscriptRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"X\n\nTranscript\x12)\n\x04info\x18\x01 \x01(\x0b\x32\x1b.captions.v1.TranscriptInfo\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\"%\n\x17\x44\x65leteTranscriptRequest\x12\n\n\x02id\x18\x01 \x01(\t\"+\n\x18\x44\x65leteTranscriptResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\":\n\x10SubscribeRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x18\n\x10include_interims\x18\x02 \x01(\x08\"\x93\x02\n\x0c\x43\x61ptionEvent\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x16\n\x0eparticipant_id\x18\x02 \x01(\t\x12\x18\n\x10participant_name\x18\x03 \x01(\t\x12\x12\n\navatar_url\x18\x04 \x01(\t\x12\x12\n\nmessage_id\x18\x05 \x01(\t\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x12\n\nis_interim\x18\x07 \x01(\x08\x12\x11\n\tstability\x18\x08 \x01(\x01\x12\x10\n\x08language\x18\t \x01(\t\x12\x15\n\rstart_time_ms\x18\n \x01(\x03\x12\x13\n\x0b\x65nd_time_ms\x18\x0b \x01(\x03\x12\x14\n\x0ctimestamp_ms\x18\x0c \x01(\x03\x12\x12\n\nconfidence\x18\r \x01(\x01*U\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x11\n\rMODE_DISABLED\x10\x01\x12\x12\n\x0eMODE_AVAILABLE\x10\x02\x12\x10\n\x0cMODE_AUTO_ON\x10\x03*t\n\x07Trigger\x12\x17\n\x13TRIGGER_UNSPECIFIED\x10\x00\x12\x12\n\x0eTRIGGER_MANUAL\x10\x01\x12\x15\n\x11TRIGGER_AUTOMATIC\x10\x02\x12%\n!TRIGGER_AUTOMATIC_2ND_PARTICIPANT\x10\x03*^\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10STOP_REASON_USER\x10\x01\x12\x1d\n\x19STOP_REASON_NO_REQUESTERS\x10\x02\x32\xe9\x07\n\x08\x43\x61ptions\x12H\n\x12StartTranscription\x12\x19.captions.v1.StartRequest\x1a\x17.captions.v1.RoomStatus\x12\x46\n\x11StopTranscription\x12\x18.captions.v1.StopRequest\x1a\x17.captions.v1.RoomStatus\x12\x43\n\rStartCaptions\x12\x19.captions.v1.StartRequest\x1a\x17.captions.v1.RoomStatus\x12\x41\n\x0cStopCaptions\x12\x18.captions.v1.StopRequest\x1a\x17.captions.v1.RoomStatus\x12M\n\x0eUpdateSettings\x12\".captions.v1.UpdateSettingsRequest\x1a\x17.captions.v1.RoomStatus\x12I\n\x0cUpdateRoster\x12 .captions.v1.UpdateRosterRequest\x1a\x17.captions.v1.RoomStatus\x12<\n\x07\x45ndRoom\x12\x18.captions.v1.RoomRequest\x1a\x17.captions.v1.RoomStatus\x12\x42\n\rGetRoomStatus\x12\x18.captions.v1.RoomRequest\x1a\x17.captions.v1.RoomStatus\x12J\n\tListRooms\x12\x1d.captions.v1.ListRoomsRequest\x1a\x1e.captions.v1.ListRoomsResponse\x12\\\n\x0fListTranscripts\x12#.captions.v1.ListTranscriptsRequest\x1a$.captions.v1.ListTranscriptsResponse\x12K\n\rGetTranscript\x12!.captions.v1.GetTranscriptRequest\x1a\x17.captions.v1.Transcript\x12_\n\x10\x44\x65leteTranscript\x12$.captions.v1.DeleteTranscriptRequest\x1a%.captions.v1.DeleteTranscriptResponse\x12O\n\x11SubscribeCaptions\x12\x1d.captions.v1.SubscribeRequest\x1a\x19.captions.v1.CaptionEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61ptions/v1/captions.proto\x12\x0b\x63\x61ptions.v1\"\xdf\x03\n\x08Settings\x12\x15\n\x08language\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x32\n\x12transcription_mode\x18\x02 \x01(\x0e\x32\x11.captions.v1.ModeH\x01\x88\x01\x01\x12-\n\rcaptions_mode\x18\x03 \x01(\x0e\x32\x11.captions.v1.ModeH\x02\x88\x01\x01\x12*\n\x07trigger\x18\x04 \x01(\x0e\x32\x14.captions.v1.TriggerH\x03\x88\x01\x01\x12\"\n\x15max_speech_caption_ms\x18\x05 \x01(\rH\x04\x88\x01\x01\x12 \n\x13silence_duration_ms\x18\x06 \x01(\rH\x05\x88\x01\x01\x12\x1c\n\x0finterim_results\x18\x07 \x01(\x08H\x06\x88\x01\x01\x12\x15\n\x08provider\x18\x08 \x01(\tH\x07\x88\x01\x01\x12\x1d\n\x15translation_languages\x18\t \x03(\tB\x0b\n\t_languageB\x15\n\x13_transcription_modeB\x10\n\x0e_captions_modeB\n\n\x08_triggerB\x18\n\x16_max_speech_caption_msB\x16\n\x14_silence_duration_msB\x12\n\x10_interim_resultsB\x0b\n\t_provider\"\xad\x01\n\x0cStartRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\'\n\x08settings\x18\x02 \x01(\x0b\x32\x15.captions.v1.Settings\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\x12%\n\x07trigger\x18\x04 \x01(\x0e\x32\x14.captions.v1.Trigger\x12\x12\n\nmeeting_id\x18\x05 \x01(\t\x12\x15\n\rroom_password\x18\x06 \x01(\t\"D\n\x0bStopRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\'\n\x06reason\x18\x02 \x01(\x0e\x32\x17.captions.v1.StopReason\"N\n\x15UpdateSettingsRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\'\n\x08settings\x18\x02 \x01(\x0b\x32\x15.captions.v1.Settings\"J\n\x0bParticipant\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\navatar_url\x18\x03 \x01(\t\x12\r\n\x05ssrcs\x18\x04 \x03(\r\"r\n\x13UpdateRosterRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12.\n\x0cparticipants\x18\x02 \x03(\x0b\x32\x18.captions.v1.Participant\x12\x0f\n\x07replace\x18\x03 \x01(\x08\x12\x0c\n\x04left\x18\x04 \x03(\t\"\x1b\n\x0bRoomRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"\xb6\x02\n\nRoomStatus\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x14\n\x0ctranscribing\x18\x02 \x01(\x08\x12\x12\n\ncaptioning\x18\x03 \x01(\x08\x12(\n\teffective\x18\x04 \x01(\x0b\x32\x15.captions.v1.Settings\x12\x15\n\rtranscript_id\x18\x05 \x01(\t\x12\x14\n\x0cparticipants\x18\x06 \x01(\r\x12\x17\n\x0f\x61\x63tive_speakers\x18\x07 \x01(\r\x12\x15\n\rcaptions_sent\x18\x08 \x01(\x04\x12%\n\x07trigger\x18\t \x01(\x0e\x32\x14.captions.v1.Trigger\x12\x0f\n\x07warning\x18\n \x01(\t\x12\x17\n\x0f\x63\x61ption_carrier\x18\x0b \x01(\t\x12\x18\n\x10transcript_error\x18\x0c \x01(\t\"\x12\n\x10ListRoomsRequest\";\n\x11ListRoomsResponse\x12&\n\x05rooms\x18\x01 \x03(\x0b\x32\x17.captions.v1.RoomStatus\"\x96\x01\n\x0eTranscriptInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\x12\n\nstarted_at\x18\x03 \x01(\t\x12\x10\n\x08\x65nded_at\x18\x04 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x05 \x01(\r\x12\x10\n\x08\x63omplete\x18\x06 \x01(\x08\x12\x0f\n\x07\x66ormats\x18\x07 \x03(\t\x12\x10\n\x08language\x18\x08 \x01(\t\"5\n\x16ListTranscriptsRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"K\n\x17ListTranscriptsResponse\x12\x30\n\x0btranscripts\x18\x01 \x03(\x0b\x32\x1b.captions.v1.TranscriptInfo\"2\n\x14GetTranscriptRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"X\n\nTranscript\x12)\n\x04info\x18\x01 \x01(\x0b\x32\x1b.captions.v1.TranscriptInfo\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\"%\n\x17\x44\x65leteTranscriptRequest\x12\n\n\x02id\x18\x01 \x01(\t\"+\n\x18\x44\x65leteTranscriptResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\":\n\x10SubscribeRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x18\n\x10include_interims\x18\x02 \x01(\x08\"\x93\x02\n\x0c\x43\x61ptionEvent\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x16\n\x0eparticipant_id\x18\x02 \x01(\t\x12\x18\n\x10participant_name\x18\x03 \x01(\t\x12\x12\n\navatar_url\x18\x04 \x01(\t\x12\x12\n\nmessage_id\x18\x05 \x01(\t\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x12\n\nis_interim\x18\x07 \x01(\x08\x12\x11\n\tstability\x18\x08 \x01(\x01\x12\x10\n\x08language\x18\t \x01(\t\x12\x15\n\rstart_time_ms\x18\n \x01(\x03\x12\x13\n\x0b\x65nd_time_ms\x18\x0b \x01(\x03\x12\x14\n\x0ctimestamp_ms\x18\x0c \x01(\x03\x12\x12\n\nconfidence\x18\r \x01(\x01*U\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x11\n\rMODE_DISABLED\x10\x01\x12\x12\n\x0eMODE_AVAILABLE\x10\x02\x12\x10\n\x0cMODE_AUTO_ON\x10\x03*t\n\x07Trigger\x12\x17\n\x13TRIGGER_UNSPECIFIED\x10\x00\x12\x12\n\x0eTRIGGER_MANUAL\x10\x01\x12\x15\n\x11TRIGGER_AUTOMATIC\x10\x02\x12%\n!TRIGGER_AUTOMATIC_2ND_PARTICIPANT\x10\x03*^\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10STOP_REASON_USER\x10\x01\x12\x1d\n\x19STOP_REASON_NO_REQUESTERS\x10\x02\x32\xe9\x07\n\x08\x43\x61ptions\x12H\n\x12StartTranscription\x12\x19.captions.v1.StartRequest\x1a\x17.captions.v1.RoomStatus\x12\x46\n\x11StopTranscription\x12\x18.captions.v1.StopRequest\x1a\x17.captions.v1.RoomStatus\x12\x43\n\rStartCaptions\x12\x19.captions.v1.StartRequest\x1a\x17.captions.v1.RoomStatus\x12\x41\n\x0cStopCaptions\x12\x18.captions.v1.StopRequest\x1a\x17.captions.v1.RoomStatus\x12M\n\x0eUpdateSettings\x12\".captions.v1.UpdateSettingsRequest\x1a\x17.captions.v1.RoomStatus\x12I\n\x0cUpdateRoster\x12 .captions.v1.UpdateRosterRequest\x1a\x17.captions.v1.RoomStatus\x12<\n\x07\x45ndRoom\x12\x18.captions.v1.RoomRequest\x1a\x17.captions.v1.RoomStatus\x12\x42\n\rGetRoomStatus\x12\x18.captions.v1.RoomRequest\x1a\x17.captions.v1.RoomStatus\x12J\n\tListRooms\x12\x1d.captions.v1.ListRoomsRequest\x1a\x1e.captions.v1.ListRoomsResponse\x12\\\n\x0fListTranscripts\x12#.captions.v1.ListTranscriptsRequest\x1a$.captions.v1.ListTranscriptsResponse\x12K\n\rGetTranscript\x12!.captions.v1.GetTranscriptRequest\x1a\x17.captions.v1.Transcript\x12_\n\x10\x44\x65leteTranscript\x12$.captions.v1.DeleteTranscriptRequest\x1a%.captions.v1.DeleteTranscriptResponse\x12O\n\x11SubscribeCaptions\x12\x1d.captions.v1.SubscribeRequest\x1a\x19.captions.v1.CaptionEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'captions.v1.captions_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODE']._serialized_start=2289
-  _globals['_MODE']._serialized_end=2374
-  _globals['_TRIGGER']._serialized_start=2376
-  _globals['_TRIGGER']._serialized_end=2492
-  _globals['_STOPREASON']._serialized_start=2494
-  _globals['_STOPREASON']._serialized_end=2588
+  _globals['_MODE']._serialized_start=2315
+  _globals['_MODE']._serialized_end=2400
+  _globals['_TRIGGER']._serialized_start=2402
+  _globals['_TRIGGER']._serialized_end=2518
+  _globals['_STOPREASON']._serialized_start=2520
+  _globals['_STOPREASON']._serialized_end=2614
   _globals['_SETTINGS']._serialized_start=44
   _globals['_SETTINGS']._serialized_end=523
   _globals['_STARTREQUEST']._serialized_start=526
@@ -52,29 +52,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROOMREQUEST']._serialized_start=1043
   _globals['_ROOMREQUEST']._serialized_end=1070
   _globals['_ROOMSTATUS']._serialized_start=1073
-  _globals['_ROOMSTATUS']._serialized_end=1357
-  _globals['_LISTROOMSREQUEST']._serialized_start=1359
-  _globals['_LISTROOMSREQUEST']._serialized_end=1377
-  _globals['_LISTROOMSRESPONSE']._serialized_start=1379
-  _globals['_LISTROOMSRESPONSE']._serialized_end=1438
-  _globals['_TRANSCRIPTINFO']._serialized_start=1441
-  _globals['_TRANSCRIPTINFO']._serialized_end=1591
-  _globals['_LISTTRANSCRIPTSREQUEST']._serialized_start=1593
-  _globals['_LISTTRANSCRIPTSREQUEST']._serialized_end=1646
-  _globals['_LISTTRANSCRIPTSRESPONSE']._serialized_start=1648
-  _globals['_LISTTRANSCRIPTSRESPONSE']._serialized_end=1723
-  _globals['_GETTRANSCRIPTREQUEST']._serialized_start=1725
-  _globals['_GETTRANSCRIPTREQUEST']._serialized_end=1775
-  _globals['_TRANSCRIPT']._serialized_start=1777
-  _globals['_TRANSCRIPT']._serialized_end=1865
-  _globals['_DELETETRANSCRIPTREQUEST']._serialized_start=1867
-  _globals['_DELETETRANSCRIPTREQUEST']._serialized_end=1904
-  _globals['_DELETETRANSCRIPTRESPONSE']._serialized_start=1906
-  _globals['_DELETETRANSCRIPTRESPONSE']._serialized_end=1949
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1951
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=2009
-  _globals['_CAPTIONEVENT']._serialized_start=2012
-  _globals['_CAPTIONEVENT']._serialized_end=2287
-  _globals['_CAPTIONS']._serialized_start=2591
-  _globals['_CAPTIONS']._serialized_end=3592
+  _globals['_ROOMSTATUS']._serialized_end=1383
+  _globals['_LISTROOMSREQUEST']._serialized_start=1385
+  _globals['_LISTROOMSREQUEST']._serialized_end=1403
+  _globals['_LISTROOMSRESPONSE']._serialized_start=1405
+  _globals['_LISTROOMSRESPONSE']._serialized_end=1464
+  _globals['_TRANSCRIPTINFO']._serialized_start=1467
+  _globals['_TRANSCRIPTINFO']._serialized_end=1617
+  _globals['_LISTTRANSCRIPTSREQUEST']._serialized_start=1619
+  _globals['_LISTTRANSCRIPTSREQUEST']._serialized_end=1672
+  _globals['_LISTTRANSCRIPTSRESPONSE']._serialized_start=1674
+  _globals['_LISTTRANSCRIPTSRESPONSE']._serialized_end=1749
+  _globals['_GETTRANSCRIPTREQUEST']._serialized_start=1751
+  _globals['_GETTRANSCRIPTREQUEST']._serialized_end=1801
+  _globals['_TRANSCRIPT']._serialized_start=1803
+  _globals['_TRANSCRIPT']._serialized_end=1891
+  _globals['_DELETETRANSCRIPTREQUEST']._serialized_start=1893
+  _globals['_DELETETRANSCRIPTREQUEST']._serialized_end=1930
+  _globals['_DELETETRANSCRIPTRESPONSE']._serialized_start=1932
+  _globals['_DELETETRANSCRIPTRESPONSE']._serialized_end=1975
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1977
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=2035
+  _globals['_CAPTIONEVENT']._serialized_start=2038
+  _globals['_CAPTIONEVENT']._serialized_end=2313
+  _globals['_CAPTIONS']._serialized_start=2617
+  _globals['_CAPTIONS']._serialized_end=3618
 # @@protoc_insertion_point(module_scope)

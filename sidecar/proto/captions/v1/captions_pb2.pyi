@@ -375,6 +375,7 @@ class RoomStatus(_message.Message):
     TRIGGER_FIELD_NUMBER: _builtins.int
     WARNING_FIELD_NUMBER: _builtins.int
     CAPTION_CARRIER_FIELD_NUMBER: _builtins.int
+    TRANSCRIPT_ERROR_FIELD_NUMBER: _builtins.int
     room: _builtins.str
     transcribing: _builtins.bool
     captioning: _builtins.bool
@@ -395,6 +396,10 @@ class RoomStatus(_message.Message):
     relayed by the bridge as EndpointMessage), or "" (no carrier: captions
     only reach SubscribeCaptions). Each caption goes out on exactly one.
     """
+    transcript_error: _builtins.str
+    """Why the room's transcript cannot be written now (the disk full or
+    read-only, in words); empty when it can. Captions go on without it.
+    """
     @_builtins.property
     def effective(self) -> Global___Settings:
         """fully resolved settings"""
@@ -413,10 +418,11 @@ class RoomStatus(_message.Message):
         trigger: Global___Trigger.ValueType = ...,
         warning: _builtins.str = ...,
         caption_carrier: _builtins.str = ...,
+        transcript_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["effective", b"effective"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_speakers", b"active_speakers", "caption_carrier", b"caption_carrier", "captioning", b"captioning", "captions_sent", b"captions_sent", "effective", b"effective", "participants", b"participants", "room", b"room", "transcribing", b"transcribing", "transcript_id", b"transcript_id", "trigger", b"trigger", "warning", b"warning"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_speakers", b"active_speakers", "caption_carrier", b"caption_carrier", "captioning", b"captioning", "captions_sent", b"captions_sent", "effective", b"effective", "participants", b"participants", "room", b"room", "transcribing", b"transcribing", "transcript_error", b"transcript_error", "transcript_id", b"transcript_id", "trigger", b"trigger", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
