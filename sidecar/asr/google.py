@@ -37,8 +37,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +64,7 @@ try:
     from google.api_core import exceptions as gexc
     from google.api_core.client_options import ClientOptions
     from google.cloud import speech_v1
-    from google.cloud.speech_v1.services.speech.transports import SpeechGrpcAsyncIOTransport
+    from google.cloud.speech_v1.services.speech.transports import SpeechGrpcTransport
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ProviderConfigError(
         "provider 'google' needs google-cloud-speech: pip install 'jitsi-captions-sidecar[google]'"
@@ -73,6 +75,7 @@ log = logging.getLogger(__name__)
 SR = 16000
 CHUNK_BYTES = 2 * SR // 10  # 100 ms per request: Google's recommended frame size
 MAX_RESTARTS = 8
+CALL_TIMEOUT_S = 600.0  # a call carries one utterance (at most max_speech_caption_ms)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,13 +135,24 @@ class GoogleOptions:
 
 @dataclass(eq=False)
 class _Call:
-    audio: bytearray
-    more: asyncio.Event
-    closed: bool = False
-    task: asyncio.Task[None] | None = None
+    """One utterance: its audio (kept for restarts) and the worker's state."""
+
+    audio: bytearray = field(default_factory=bytearray)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    closed: bool = False  # no more audio will come
+    aborted: bool = False
+    responses: Any = None  # the current call's response iterator (to cancel it)
+    future: Any = None
 
 
 class GoogleProvider(TurnProvider):
+    """Each utterance runs its streaming call in a worker thread of the
+    provider's own pool, on the library's synchronous client: its request
+    thread stops quietly when the server ends a call, so the server's status
+    (UNAUTHENTICATED, RESOURCE_EXHAUSTED, OUT_OF_RANGE...) always reaches us.
+    (grpc.aio replaces that status with INTERNAL "Internal error from Core"
+    when a request is being written as the server ends the call.)"""
+
     name = "google"
 
     def __init__(self, options: GoogleOptions) -> None:
@@ -154,25 +168,31 @@ class GoogleProvider(TurnProvider):
             language_detection=bool(options.auto_languages),
             max_concurrent_streams=options.max_concurrent_streams,
         )
-        self._client: speech_v1.SpeechAsyncClient | None = None
+        self._client: speech_v1.SpeechClient | None = None
+        self._lock = threading.Lock()
+        workers = min(options.max_concurrent_streams or 256, 1024)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="google-speech")
 
     async def start(self) -> None:
-        self._ensure_client()
+        await asyncio.to_thread(self._ensure_client)
 
-    def _ensure_client(self) -> speech_v1.SpeechAsyncClient:
-        if self._client is not None:
+    def _ensure_client(self) -> speech_v1.SpeechClient:
+        with self._lock:
+            if self._client is None:
+                self._client = self._make_client()
             return self._client
+
+    def _make_client(self) -> speech_v1.SpeechClient:
         o = self.options
         if o.insecure:
             # a channel we build ourselves: the documented way to hand the
             # transport a channel (the client then ignores credentials)
-            transport = SpeechGrpcAsyncIOTransport(
-                host=o.endpoint, channel=grpc.aio.insecure_channel(o.endpoint)
+            transport = SpeechGrpcTransport(
+                host=o.endpoint, channel=grpc.insecure_channel(o.endpoint)
             )
-            self._client = speech_v1.SpeechAsyncClient(
+            return speech_v1.SpeechClient(
                 transport=transport, client_options=ClientOptions(api_endpoint=o.endpoint)
             )
-            return self._client
         credentials = None
         client_options = ClientOptions(api_endpoint=o.endpoint)
         try:
@@ -184,40 +204,55 @@ class GoogleProvider(TurnProvider):
                 )
             elif o.api_key:
                 client_options = ClientOptions(api_endpoint=o.endpoint, api_key=o.api_key)
-            self._client = speech_v1.SpeechAsyncClient(
-                credentials=credentials, client_options=client_options
-            )
+            return speech_v1.SpeechClient(credentials=credentials, client_options=client_options)
         except (ValueError, OSError, gexc.GoogleAPIError) as e:
             raise ProviderConfigError(f"google: cannot use the credentials: {e}") from e
-        return self._client
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
+        self._pool.shutdown(wait=False, cancel_futures=True)
         if client is not None:
             with contextlib.suppress(Exception):
-                await client.transport.close()
+                await asyncio.to_thread(client.transport.close)
 
-    # -- turns -------------------------------------------------------------
+    # -- turns (on the loop) -----------------------------------------------
     def _turn_open(self, stream: TurnStream, turn: Turn) -> None:
-        client = self._ensure_client()
-        call = _Call(bytearray(), asyncio.Event())
+        loop = asyncio.get_running_loop()
+        call = _Call()
         turn.state = call
-        call.task = asyncio.get_running_loop().create_task(self._run(client, stream, turn, call))
+        config = self._config(turn)
+
+        def post(fn: Any, *args: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone
+                loop.call_soon_threadsafe(fn, *args)
+
+        call.future = self._pool.submit(self._run, stream, turn, call, config, post)
 
     def _turn_send(self, stream: TurnStream, turn: Turn, pcm: bytes) -> None:
         call: _Call = turn.state
-        call.audio += pcm
-        call.more.set()
+        with call.cond:
+            call.audio += pcm
+            call.cond.notify_all()
 
     def _turn_close(self, stream: TurnStream, turn: Turn) -> None:
         call: _Call = turn.state
-        call.closed = True
-        call.more.set()
+        with call.cond:
+            call.closed = True
+            call.cond.notify_all()
 
     def _turn_abort(self, stream: TurnStream, turn: Turn) -> None:
         call = turn.state
-        if isinstance(call, _Call) and call.task is not None:
-            call.task.cancel()
+        if not isinstance(call, _Call):
+            return
+        with call.cond:
+            call.aborted = True
+            call.closed = True
+            call.cond.notify_all()
+        if call.future is not None:
+            call.future.cancel()
+        with contextlib.suppress(Exception):
+            if call.responses is not None:
+                call.responses.cancel()
 
     def _config(self, turn: Turn) -> speech_v1.StreamingRecognitionConfig:
         o = self.options
@@ -238,75 +273,93 @@ class GoogleProvider(TurnProvider):
             interim_results=turn.interim_results,
         )
 
-    async def _run(
-        self, client: speech_v1.SpeechAsyncClient, stream: TurnStream, turn: Turn, call: _Call
+    # -- the worker thread ---------------------------------------------------
+    def _run(
+        self,
+        stream: TurnStream,
+        turn: Turn,
+        call: _Call,
+        config: speech_v1.StreamingRecognitionConfig,
+        post: Any,
     ) -> None:
         start = 0  # byte offset of the audio the current call begins with
         restarts = 0
         try:
-            while True:
-                resume = await self._one_call(client, stream, turn, call, start)
+            client = self._ensure_client()
+            while not call.aborted:
+                resume = self._one_call(client, stream, turn, call, config, start, post)
                 if resume is None:
-                    stream.turn_done(turn)
+                    post(stream.turn_done, turn)
                     return
                 restarts += 1
                 if restarts > MAX_RESTARTS:
                     raise ProviderError(f"google: {restarts} stream restarts in one utterance")
                 log.info(
-                    "google: stream limit inside utterance %s; resuming at %.2f s",
+                    "google: stream ended inside utterance %s; resuming at %.2f s",
                     turn.id,
                     resume / 2 / SR,
                 )
                 start = resume
-        except asyncio.CancelledError:
-            raise
         except ProviderError as e:
-            stream.turn_failed(turn, e)
+            if not call.aborted:
+                post(stream.turn_failed, turn, e)
         except Exception as e:  # a bug here must not hang the utterance
-            log.exception("google: utterance %s", turn.id)
-            stream.turn_failed(turn, ProviderError(f"google: {e}", status="internal"))
+            if not call.aborted:
+                log.exception("google: utterance %s", turn.id)
+                post(stream.turn_failed, turn, ProviderError(f"google: {e}", status="internal"))
 
-    async def _one_call(
+    def _one_call(
         self,
-        client: speech_v1.SpeechAsyncClient,
+        client: speech_v1.SpeechClient,
         stream: TurnStream,
         turn: Turn,
         call: _Call,
+        config: speech_v1.StreamingRecognitionConfig,
         start: int,
+        post: Any,
     ) -> int | None:
         """One streaming call from byte ``start``; returns where to resume
-        after a stream-length limit, or None when the utterance is done."""
-        config = self._config(turn)
-        over = False
+        after the stream-length limit, or None when the utterance is done."""
+        over = threading.Event()
 
-        async def requests() -> AsyncIterator[speech_v1.StreamingRecognizeRequest]:
-            yield speech_v1.StreamingRecognizeRequest(streaming_config=config)
+        def requests() -> Iterator[speech_v1.StreamingRecognizeRequest]:
             pos = start
-            while not over:
-                while pos < len(call.audio) and not over:
+            while not over.is_set():
+                with call.cond:
                     chunk = bytes(call.audio[pos : pos + CHUNK_BYTES])
-                    pos += len(chunk)
-                    yield speech_v1.StreamingRecognizeRequest(audio_content=chunk)
-                if call.closed:
-                    return
-                call.more.clear()
-                await call.more.wait()
+                    if not chunk:
+                        if call.closed:
+                            return
+                        call.cond.wait(0.5)
+                        continue
+                pos += len(chunk)
+                yield speech_v1.StreamingRecognizeRequest(audio_content=chunk)
 
         final_end = start  # byte offset just after the last final result
         try:
-            responses = await client.streaming_recognize(requests=requests())
-            async for resp in responses:
+            # no retry: the library's default retries UNAVAILABLE for up to
+            # 5000 s with the request iterator it has already consumed
+            # (SpeechHelpers.streaming_recognize sends ``config`` first; the
+            # stubs only know the generated signature)
+            recognize: Any = client.streaming_recognize
+            responses = recognize(config, requests(), retry=None, timeout=CALL_TIMEOUT_S)
+            call.responses = responses
+            for resp in responses:
+                if call.aborted:
+                    return None
                 if resp.error.code:
                     raise _map_status(resp.error.code, resp.error.message)
                 interim: list[str] = []
                 stability = 0.0
+                language = ""
                 for result in resp.results:
                     if not result.alternatives:
                         continue
                     alt = result.alternatives[0]
-                    language = room_language(result.language_code) if result.language_code else ""
+                    if result.language_code:
+                        language = room_language(result.language_code)
                     if result.is_final:
-                        stream.turn_final_part(turn, alt.transcript, alt.confidence, language)
+                        post(stream.turn_final_part, turn, alt.transcript, alt.confidence, language)
                         # proto-plus gives the Duration as a timedelta
                         end: Any = result.result_end_time
                         offset = int(end.total_seconds() * SR) * 2 if end else len(call.audio)
@@ -315,45 +368,31 @@ class GoogleProvider(TurnProvider):
                         if not interim:
                             stability = result.stability
                         interim.append(alt.transcript.strip())
-                        if language:
-                            turn.detected_language = language
                 if interim:
-                    stream.turn_interim(turn, " ".join(t for t in interim if t), stability)
-        except (gexc.GoogleAPICallError, grpc.aio.AioRpcError) as e:
-            if _is_stream_limit(e) or _is_write_race(e):
+                    text = " ".join(t for t in interim if t)
+                    post(stream.turn_interim, turn, text, stability, language)
+        except gexc.GoogleAPICallError as e:
+            if call.aborted:
+                return None
+            if _is_stream_limit(e):
                 return final_end  # resume after the last final result
-            if isinstance(e, grpc.aio.AioRpcError):
-                raise _map_status(e.code().value[0], e.details() or "") from e
             raise _map_exception(e) from e
+        except grpc.RpcError as e:
+            if call.aborted:
+                return None
+            raise ProviderError(f"google: {e}", status="error", retryable=True) from e
         finally:
-            over = True
-            call.more.set()  # let the request generator see it
+            over.set()
         if not call.closed:
             # the service ended the call before the utterance did
             return final_end
         return None
 
 
-def _is_write_race(e: Exception) -> bool:
-    # grpc.aio reports INTERNAL "Internal error from Core" instead of the
-    # server's status when the server ends a call while a request is being
-    # written (seen against the local server when the limit ends a call
-    # during a burst of audio); the call is over either way: resume it
-    return "Internal error from Core" in str(e)
-
-
 def _is_stream_limit(e: Exception) -> bool:
-    text = str(e)
-    code = getattr(e, "code", None)
-    if isinstance(e, gexc.OutOfRange | gexc.Aborted):
-        return "duration" in text
-    if callable(code):
-        with contextlib.suppress(Exception):
-            c = code()
-            return c in (grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.ABORTED) and (
-                "duration" in text
-            )
-    return False
+    # v1: OUT_OF_RANGE "Exceeded maximum allowed stream duration of 305 seconds."
+    # v2: ABORTED "Max duration of 5 minutes reached for stream."
+    return isinstance(e, gexc.OutOfRange | gexc.Aborted) and "duration" in str(e)
 
 
 def _map_exception(e: gexc.GoogleAPICallError) -> ProviderError:

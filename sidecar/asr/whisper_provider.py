@@ -91,8 +91,11 @@ class WhisperStream(RecognitionStream):
         self._open: str | None = None
         self._ended: dict[str, bool] = {}  # ended utterances -> final seen
         self._tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
 
     def begin(self, utt_id: str, audio: np.ndarray) -> None:
+        if self.closed:
+            return
         if self._open is not None:
             self.end(10**12)  # DecodingStream ends it the same way
         self._open = utt_id
@@ -100,6 +103,8 @@ class WhisperStream(RecognitionStream):
         self.inner.begin(utt_id, audio)
 
     def push(self, audio: np.ndarray) -> None:
+        if self.closed:
+            return
         if self._open is not None:
             self._count(audio)
         self.inner.push(audio)
@@ -111,6 +116,8 @@ class WhisperStream(RecognitionStream):
         self.inner.resume()
 
     def end(self, keep_samples: int, *, discard: bool = False) -> None:
+        if self.closed:
+            return
         utt = self._open
         self._open = None
         self.inner.end(keep_samples, discard=discard)
@@ -134,6 +141,7 @@ class WhisperStream(RecognitionStream):
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def aclose(self) -> None:
+        self.closed = True
         for t in list(self._tasks):
             t.cancel()
         await self.inner.aclose()
@@ -159,6 +167,8 @@ class WhisperStream(RecognitionStream):
             )
 
     def _result(self, h: Hypothesis) -> None:
+        if self.closed:
+            return
         if h.is_final:
             if h.utterance_id in self._ended:
                 self._ended[h.utterance_id] = True

@@ -48,6 +48,7 @@ class Call:
     metadata: dict[str, str] = field(default_factory=dict)
     half_closed: bool = False
     status: str = "OK"
+    finalised: list[str] = field(default_factory=list)  # words sent in final results
 
     @property
     def words(self) -> list[str]:
@@ -202,6 +203,7 @@ class FakeGoogleSpeech:
     def _final(
         self, call: Call, words: list[tuple[str, int]], end_sample: int
     ) -> types.StreamingRecognizeResponse:
+        call.finalised.extend(w for w, _ in words)
         end = duration_pb2.Duration(seconds=end_sample // 16000, nanos=(end_sample % 16000) * 62500)
         return types.StreamingRecognizeResponse(
             results=[
