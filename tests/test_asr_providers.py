@@ -301,6 +301,16 @@ async def test_azure_wrong_key_is_an_auth_error() -> None:
         await stream.aclose()
 
 
+async def test_azure_token_authentication() -> None:
+    async with azure_provider({"key": None, "token": "TOKEN123"}) as (provider, fake):
+        sink, stream = await _error_case(provider)
+        assert [h.text for h in sink.finals()] == ["Hello world this is a test."]
+        headers = fake.connections[0].headers
+        assert headers["authorization"] == "Bearer TOKEN123"
+        assert "ocp-apim-subscription-key" not in headers
+        await stream.aclose()
+
+
 def _closed_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

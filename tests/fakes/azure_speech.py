@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import json
 import struct
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -71,6 +72,7 @@ class Connection:
     wav_header: bytes = b""
     phrases: list[str] = field(default_factory=list)
     turns: int = 0
+    sent: list[tuple[str, str, float]] = field(default_factory=list)  # (path, text, monotonic)
 
     def of(self, path: str) -> list[Message]:
         return [m for m in self.messages if m.path == path]
@@ -122,6 +124,7 @@ class FakeAzureSpeech:
         self.hang_after_end = False  # never answer the end of the audio
         self.phrase_delay_s = 0.0
         self.detected_language = "de-DE"  # PrimaryLanguage with language id
+        self._by_socket: dict[int, Connection] = {}
 
     async def start(self) -> int:
         self._server = await serve(
@@ -156,21 +159,33 @@ class FakeAzureSpeech:
         return None
 
     async def _send(
-        self, ws: ServerConnection, path: str, request_id: str, body: dict[str, Any] | None
+        self,
+        ws: ServerConnection,
+        path: str,
+        request_id: str,
+        body: dict[str, Any] | None,
     ) -> None:
+        conn = self._by_socket.get(id(ws))
         headers = [f"X-RequestId:{request_id}", f"Path:{path}", f"X-Timestamp:{_now()}"]
         if body is not None:
             headers.insert(1, "Content-Type:application/json; charset=utf-8")
         text = "\r\n".join(headers) + "\r\n\r\n" + (json.dumps(body) if body is not None else "")
         await ws.send(text)
+        if conn is not None:
+            said = (body or {}).get("Text") or (body or {}).get("DisplayText") or ""
+            conn.sent.append((path, said, time.monotonic()))
 
     async def _handler(self, ws: ServerConnection) -> None:
         req = ws.request
         assert req is not None
         conn = Connection(req.path, {k.lower(): v for k, v in req.headers.raw_items()})
         self.connections.append(conn)
-        with contextlib.suppress(Exception):
-            await self._serve(ws, conn)
+        self._by_socket[id(ws)] = conn
+        try:
+            with contextlib.suppress(Exception):
+                await self._serve(ws, conn)
+        finally:
+            self._by_socket.pop(id(ws), None)
 
     async def _serve(self, ws: ServerConnection, conn: Connection) -> None:
         turn: _TurnState | None = None

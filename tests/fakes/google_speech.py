@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -49,6 +50,7 @@ class Call:
     half_closed: bool = False
     status: str = "OK"
     finalised: list[str] = field(default_factory=list)  # words sent in final results
+    sent: list[tuple[str, float]] = field(default_factory=list)  # (text, monotonic) answers
 
     @property
     def words(self) -> list[str]:
@@ -181,6 +183,7 @@ class FakeGoogleSpeech:
 
     def _interim(self, call: Call, words: list[str]) -> types.StreamingRecognizeResponse:
         # two results as the service sends them: a stable head, an unstable tail
+        call.sent.append(("interim:" + " ".join(words), time.monotonic()))
         head, tail = words[:-1], words[-1:]
         results = []
         if head:
@@ -204,6 +207,7 @@ class FakeGoogleSpeech:
         self, call: Call, words: list[tuple[str, int]], end_sample: int
     ) -> types.StreamingRecognizeResponse:
         call.finalised.extend(w for w, _ in words)
+        call.sent.append(("final:" + " ".join(w for w, _ in words), time.monotonic()))
         end = duration_pb2.Duration(seconds=end_sample // 16000, nanos=(end_sample % 16000) * 62500)
         return types.StreamingRecognizeResponse(
             results=[
