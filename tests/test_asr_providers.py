@@ -783,3 +783,28 @@ async def test_contract_real_whisper_adapter() -> None:
     finally:
         await provider.aclose()
         await scheduler.close()
+
+
+def test_unknown_keys_are_errors() -> None:
+    with pytest.raises(ProviderConfigError, match=r"azure\.regoin: unknown key"):
+        build_provider("azure", {"key": "k", "regoin": "westeurope"})
+    with pytest.raises(ProviderConfigError, match="CAPTIONS_GOOGLE_MODLE"):
+        build_provider("google", {"insecure": True}, env={"CAPTIONS_GOOGLE_MODLE": "x"})
+
+
+def test_deployment_providers_and_fallback_chains() -> None:
+    from sidecar.asr.setup import build_providers
+
+    sections = {"azure": {"key": "k", "region": "westeurope", "fallback": ["whisper"]}}
+    got = build_providers(sections, env={}, recognizer=CodebookRecognizer())
+    assert sorted(got.members) == ["azure", "whisper"]  # google is not configured
+    chain = got.by_name["azure"]
+    assert isinstance(chain, FailoverProvider)
+    assert [p.name for p in chain.providers] == ["azure", "whisper"]
+    assert isinstance(got.by_name["whisper"], WhisperProvider)
+    with pytest.raises(ProviderConfigError, match="azure.fallback: 'google'"):
+        build_providers(
+            {"azure": {"key": "k", "region": "x", "fallback": ["google"]}},
+            env={},
+            recognizer=CodebookRecognizer(),
+        )

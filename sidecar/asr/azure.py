@@ -44,6 +44,7 @@ from sidecar.asr.provider import (
     Turn,
     TurnProvider,
     TurnStream,
+    check_keys,
     locale_of,
     room_language,
     setting,
@@ -61,6 +62,10 @@ log = logging.getLogger(__name__)
 
 SR = 16000
 MAX_AUTO_LANGUAGES = 10  # continuous language identification takes up to 10
+SETTINGS = (
+    "key", "region", "endpoint", "host", "token", "auto_languages",
+    "stable_partial_threshold", "max_concurrent_streams", "final_timeout_s", "fallback",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +82,8 @@ class AzureOptions:
 
     @classmethod
     def from_settings(cls, section: Mapping[str, Any], env: Mapping[str, str]) -> AzureOptions:
+        check_keys("azure", section, env, SETTINGS)
+
         def get(key: str, default: Any = None, kind: type = str) -> Any:
             return setting("azure", section, env, key, default, kind=kind)
 

@@ -54,6 +54,7 @@ from sidecar.asr.provider import (
     Turn,
     TurnProvider,
     TurnStream,
+    check_keys,
     locale_of,
     room_language,
     setting,
@@ -75,6 +76,10 @@ log = logging.getLogger(__name__)
 SR = 16000
 CHUNK_BYTES = 2 * SR // 10  # 100 ms per request: Google's recommended frame size
 MAX_RESTARTS = 8
+SETTINGS = (
+    "endpoint", "credentials_file", "api_key", "application_default", "insecure", "model",
+    "punctuation", "auto_languages", "max_concurrent_streams", "final_timeout_s", "fallback",
+)  # fmt: skip
 CALL_TIMEOUT_S = 600.0  # a call carries one utterance (at most max_speech_caption_ms)
 
 
@@ -93,6 +98,8 @@ class GoogleOptions:
 
     @classmethod
     def from_settings(cls, section: Mapping[str, Any], env: Mapping[str, str]) -> GoogleOptions:
+        check_keys("google", section, env, SETTINGS)
+
         def get(key: str, default: Any = None, kind: type = str) -> Any:
             return setting("google", section, env, key, default, kind=kind)
 

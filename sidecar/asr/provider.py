@@ -347,6 +347,23 @@ def setting(
         raise ProviderConfigError(f"{source}: {raw!r} is not a {kind.__name__}") from None
 
 
+def check_keys(
+    provider: str, section: Mapping[str, Any], env: Mapping[str, str], allowed: tuple[str, ...]
+) -> None:
+    """Unknown keys in ``[provider]`` or ``CAPTIONS_<PROVIDER>_*`` are errors
+    (a typo must not silently fall back to a default)."""
+    prefix = f"CAPTIONS_{provider.upper()}_"
+    for key in section:
+        if key not in allowed:
+            raise ProviderConfigError(
+                f"{provider}.{key}: unknown key (allowed: {', '.join(allowed)})"
+            )
+    for var in env:
+        if var.startswith(prefix) and var[len(prefix) :].lower() not in allowed:
+            names = ", ".join(prefix + k.upper() for k in allowed)
+            raise ProviderConfigError(f"environment variable {var}: unknown key (allowed: {names})")
+
+
 def pcm16(audio: np.ndarray) -> bytes:
     """16 kHz float32 in [-1, 1] -> little-endian 16-bit PCM, what the services take."""
     return (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
