@@ -501,6 +501,21 @@ async def test_azure_speech_protocol_on_the_wire() -> None:
         await stream.aclose()
 
 
+async def test_azure_sdk_recovers_from_one_dropped_connection() -> None:
+    """The SDK reconnects by itself and sends the utterance's audio again:
+    still one final, complete, no error."""
+    async with azure_provider(close_after_words=3, close_times=1) as (provider, fake):
+        sink = Sink()
+        stream = open_stream(provider, sink)
+        await say(stream, "u1", codebook.encode(SENTENCES["u3"]))
+        await asyncio.wait_for(stream.drain(), WAIT)
+        assert len(fake.connections) == 2
+        (final,) = sink.finals()
+        assert final.text.lower().rstrip(".").split() == SENTENCES["u3"].split()
+        assert sink.errors == []
+        await stream.aclose()
+
+
 async def test_azure_language_identification_for_auto_rooms() -> None:
     langs = ("en-US", "de-DE", "fr-FR")
     async with azure_provider({"auto_languages": langs}, detected_language="de-DE") as (

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -149,7 +150,7 @@ class AzureProvider(TurnProvider):
             language_detection=bool(options.auto_languages),
             max_concurrent_streams=options.max_concurrent_streams,
         )
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping: list[threading.Event] = []
 
     async def start(self) -> None:
         self._speech_config("en-US", 700)  # the SDK checks the settings here
@@ -244,13 +245,27 @@ class AzureProvider(TurnProvider):
             with contextlib.suppress(Exception):
                 session.recognizer.stop_continuous_recognition_async().get()
 
-        task = asyncio.get_running_loop().create_task(asyncio.to_thread(stop))
-        self._tasks.add(task)  # type: ignore[arg-type]
-        task.add_done_callback(self._tasks.discard)  # type: ignore[arg-type]
+        # stopping a session whose connection failed can block for seconds
+        # inside the SDK: a daemon thread, so neither the loop nor shutdown waits
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                stop()
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="azure-stop", daemon=True).start()
+        self._stopping.append(done)
+        self._stopping = [d for d in self._stopping if not d.is_set()]
 
     async def aclose(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        # give sessions being stopped a moment, not the SDK's full timeouts
+        deadline = asyncio.get_running_loop().time() + 2.0
+        while any(not d.is_set() for d in self._stopping):
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
 
     # -- SDK events, on the loop -------------------------------------------
     def _language(self, turn: Turn, result: Any) -> str:

@@ -121,6 +121,7 @@ class FakeAzureSpeech:
         self.reject_status: int | None = None  # answer the upgrade with this
         self.key: str | None = None  # expected subscription key (401 otherwise)
         self.close_after_words: int | None = None  # drop the connection mid-turn
+        self.close_times = 1_000_000  # how many connections it drops so
         self.hang_after_end = False  # never answer the end of the audio
         self.phrase_delay_s = 0.0
         self.detected_language = "de-DE"  # PrimaryLanguage with language id
@@ -232,7 +233,12 @@ class FakeAzureSpeech:
         rid = turn.request_id
         n_samples = len(turn.audio) // 2
         complete = [(w, e) for w, e in codebook.word_ends(bytes(turn.audio)) if e < n_samples]
-        if self.close_after_words is not None and len(complete) >= self.close_after_words:
+        if (
+            self.close_after_words is not None
+            and len(complete) >= self.close_after_words
+            and self.close_times > 0
+        ):
+            self.close_times -= 1
             await ws.close(1011, "Internal service error")
             return
         new = complete[turn.done_words :]
