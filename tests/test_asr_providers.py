@@ -38,16 +38,17 @@ from sidecar.asr.provider import (
 )
 from sidecar.asr.whisper_provider import WhisperProvider
 from tests.fakes import codebook
-from tests.fakes.azure_speech import FakeAzureSpeech
-from tests.fakes.google_speech import FakeGoogleSpeech
 from tests.fakes.recognizers import CodebookRecognizer
 from tests.fakes.scripted import ScriptedProvider
 
+# the [azure] and [google] extras (installed by `make install`)
 pytest.importorskip("azure.cognitiveservices.speech")
 pytest.importorskip("google.cloud.speech_v1")
 
 from sidecar.asr.azure import AzureOptions, AzureProvider  # noqa: E402
 from sidecar.asr.google import GoogleOptions, GoogleProvider  # noqa: E402
+from tests.fakes.azure_speech import FakeAzureSpeech  # noqa: E402
+from tests.fakes.google_speech import FakeGoogleSpeech  # noqa: E402
 
 SR = 16000
 WAIT = 20.0  # generous: the SDKs run on their own threads
