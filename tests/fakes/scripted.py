@@ -4,13 +4,12 @@ It is a real :class:`~sidecar.asr.provider.TurnProvider`, so it runs the
 same stream machinery as the cloud adapters (one final per utterance, final
 timeout, concurrency limit, metrics). What it "hears":
 
-* ``texts``: the n-th utterance of each stream gets ``texts[n]`` (for room
+* ``texts``: the n-th utterance of each speaker gets ``texts[n]`` (for room
   tests that feed real speech through the real VAD and segmenter);
 * otherwise the codebook words in the audio (:mod:`tests.fakes.codebook`),
   so a test can check exactly which audio arrived.
 
-``faults`` maps an utterance number (0-based, per stream, counted over the
-whole provider when ``global_count``) to what goes wrong: ``"error"``,
+``faults`` maps an utterance number (0-based, per speaker) to what goes wrong: ``"error"``,
 ``"auth"``, ``"quota"``, ``"unavailable"`` right away, ``"mid"`` after the
 first interim, ``"hang"`` (no final: the stream's final timeout fires);
 ``"*"`` applies to every utterance (a provider that is down).
@@ -74,11 +73,14 @@ class ScriptedProvider(TurnProvider):
         self.turns = 0
         self.received: list[tuple[str, list[str]]] = []  # (utterance id, words heard)
         self.opened: list[str] = []
-        self._counts: dict[int, int] = {}
+        self._counts: dict[object, int] = {}
 
     def _turn_open(self, stream: TurnStream, turn: Turn) -> None:
-        n = self._counts.get(id(stream), 0)
-        self._counts[id(stream)] = n + 1
+        # counted per speaker, so a chain's replay stream for the same
+        # speaker continues the count
+        key: object = stream.settings.speaker or id(stream)
+        n = self._counts.get(key, 0)
+        self._counts[key] = n + 1
         self.turns += 1
         self.opened.append(turn.id)
         fault = self.faults.get("*") or self.faults.get(n, "")
