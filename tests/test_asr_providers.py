@@ -592,6 +592,23 @@ async def test_failover_cool_down_then_retry() -> None:
     await stream.aclose()
 
 
+async def test_failover_tries_a_cooling_member_rather_than_lose_the_caption() -> None:
+    now = [0.0]
+    a = ScriptedProvider("a", faults={1: "error"})
+    b = ScriptedProvider("b")
+    chain = FailoverProvider([a, b], cooldown_s=30.0, clock=lambda: now[0])
+    chain.mark_failed(b, ProviderError("b: earlier failure"))
+    sink = Sink()
+    stream = open_stream(chain, sink)
+    await _speak_all(stream, {"u1": "hello world", "u2": "good idea"})
+    assert [(h.text, h.extra["provider"]) for h in sink.finals()] == [
+        ("hello world", "a"),
+        ("good idea", "b"),
+    ]
+    assert sink.errors == []
+    await stream.aclose()
+
+
 async def test_failover_whole_chain_fails_once_with_a_clear_error() -> None:
     a = ScriptedProvider("a", faults={"*": "mid"})
     b = ScriptedProvider("b", faults={"*": "auth"})

@@ -208,11 +208,9 @@ class FailoverStream(RecognitionStream):
         for i in candidates:
             if not self.chain.cooling(self.chain.providers[i]):
                 return i
-        if u.index < 0 and candidates:
-            # everything is cooling down: a new utterance still tries the
-            # first one rather than losing the speech outright
-            return candidates[0]
-        return None
+        # every one left is cooling down: try one anyway rather than lose
+        # the speech outright (each provider at most once per utterance)
+        return candidates[0] if candidates else None
 
     # -- the stream protocol -------------------------------------------------
     def begin(self, utt_id: str, audio: np.ndarray) -> None:
