@@ -712,14 +712,19 @@ async def test_forced_cut_sends_the_carried_audio_once() -> None:
             await asyncio.sleep(0.003)
         stream.end(cut)  # the segmenter cut here; the rest carries over
         stream.begin("u2", audio[cut:])  # exactly what the pipeline passes
-        more = codebook.encode("sidecar")
+        more = codebook.encode("sidecar release")
         stream.push(more)
-        stream.end(len(audio) - cut + len(more))
+        # cut again, inside the second utterance: its count includes the carry
+        u2 = np.concatenate([audio[cut:], more])
+        cut2 = len(u2) - len(codebook.encode("release"))
+        stream.end(cut2)
+        stream.begin("u3", u2[cut2:])
+        stream.end(len(u2) - cut2)
         await asyncio.wait_for(stream.drain(), WAIT)
         heard = " ".join(w for c in fake.calls for w in c.words)
-        assert heard == "hello world this is a test of the captions sidecar"
+        assert heard == "hello world this is a test of the captions sidecar release"
         text = " ".join(h.text for h in sink.finals())
-        assert text == "hello world this is a test of the captions sidecar"
+        assert text == "hello world this is a test of the captions sidecar release"
         await stream.aclose()
 
 

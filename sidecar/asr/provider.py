@@ -381,6 +381,7 @@ class Turn:
     language: str
     interim_results: bool
     sent: int = 0  # samples sent to the service
+    skipped: int = 0  # samples at its start the previous turn had sent already
     parts: list[str] = field(default_factory=list)  # texts the service finalised
     confidences: list[float] = field(default_factory=list)
     detected_language: str = ""
@@ -464,7 +465,7 @@ class TurnStream(RecognitionStream):
         if self.closed:
             return
         if self.turn is not None and not self.turn.ended:
-            self.end(self.turn.sent)
+            self.end(self.turn.skipped + self.turn.sent)
         s = self.settings
         interims = s.interim_results and self.provider.capabilities.interim_results
         turn = Turn(utt_id, s.language, interims)
@@ -477,6 +478,7 @@ class TurnStream(RecognitionStream):
         self._tail = []
         if len(carry) and len(audio) >= len(carry) and np.array_equal(audio[: len(carry)], carry):
             audio = audio[len(carry) :]
+            turn.skipped = len(carry)
         p = self.provider
         if p.max_concurrent is not None and p.open_turns >= p.max_concurrent:
             err = ProviderQuotaError(
@@ -510,9 +512,10 @@ class TurnStream(RecognitionStream):
         t.ended = True
         t.discard = discard
         t.ended_at = time.monotonic()
-        if 0 <= keep_samples < t.sent and self._tail:
+        length = t.skipped + t.sent  # the pipeline counts from the turn's first sample
+        if 0 <= keep_samples < length and self._tail:
             tail = np.concatenate(self._tail)
-            over = t.sent - keep_samples
+            over = length - keep_samples
             self._prev_tail = tail[-over:] if over <= len(tail) else np.zeros(0, np.float32)
         self._tail = []
         if discard and t.interims_sent == 0 and not self.settings.empty_finals:
