@@ -1,10 +1,10 @@
-# Targets: install, demo, serve, test, test-fast, lint, bench, proto
+# Targets: install, demo, serve, test, test-fast, lint, bench, proto, dashboards, ansible-test
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 SILERO_VAD := silero-vad==6.2.3
 
-.PHONY: install demo serve test test-fast lint bench proto clean
+.PHONY: install demo serve test test-fast lint bench proto dashboards ansible-test clean
 
 install: $(VENV)/.installed
 
@@ -25,20 +25,30 @@ serve: install
 	$(PY) -m sidecar serve
 
 test: install
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -m "not ansible"
+
+# the Ansible role against a stock Jitsi layout on this machine (minutes)
+ansible-test: install
+	$(PY) -m pytest -q -ra -m ansible tests/test_ansible.py
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not ansible"
 
 lint: install
-	$(VENV)/bin/ruff check sidecar tests bench
-	$(VENV)/bin/ruff format --check sidecar tests bench
+	$(VENV)/bin/ruff check sidecar tests bench dashboards
+	$(VENV)/bin/ruff format --check sidecar tests bench dashboards
+	$(PY) dashboards/generate.py --check
 	$(VENV)/bin/mypy
 	cd prosody-module && luacheck .
+	cd tests/standins && luacheck --config ../../prosody-module/.luacheckrc .
 
 bench: install
 	$(PY) bench/conference.py --out docs/benchmarks.md
 	$(PY) bench/run.py --out docs/benchmarks.md
+
+# Grafana dashboards and Prometheus alert rules, from dashboards/generate.py
+dashboards: install
+	$(PY) dashboards/generate.py
 
 proto: install
 	PYTHON=$(PY) scripts/gen_proto.sh

@@ -8,7 +8,8 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 # libssl3 and libuuid1: the Azure Speech SDK (the [azure] extra) loads them at run time
 PKGS=(make python3 python3-venv python3-dev gcc espeak-ng pocketsphinx-testdata sox
-      prosody lua5.4 lua-busted lua-check ca-certificates libssl3 libuuid1)
+      prosody lua5.4 lua-busted lua-check ca-certificates openssl prometheus
+      ruby-hocon nodejs libssl3 libuuid1)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -19,5 +20,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
   # prosody's package starts a system instance; the tests run their own
   $SUDO systemctl disable --now prosody >/dev/null 2>&1 || $SUDO service prosody stop >/dev/null 2>&1 || true
+  # likewise prometheus (the tests start their own, on loopback)
+  $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || $SUDO service prometheus stop >/dev/null 2>&1 || true
 fi
 make install

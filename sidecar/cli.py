@@ -25,7 +25,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logs.setup(config.logging.log_level, config.logging.log_format)
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except ConfigError as e:  # found while starting, e.g. the XMPP server's certificate
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -696,6 +696,20 @@ class IngestConfig:
     # <sha256 hex of kid>.pem or <kid>.pem. Unset: only the shared token.
     jigasi_public_keys_dir: Path | None = _key(None, kind="path", optional=True)
     jigasi_audience: str = _key("jitsi", kind="str", check=_check_nonempty)
+    # a room with captions or transcription on that gets no audio from any
+    # ingest this many seconds after the start gets a warning (status, log,
+    # a message to the moderator); 0 switches it off
+    no_audio_warning_s: int = _key(10, kind="int", bounds=(0, 600))
+
+
+def _check_fingerprint(value: str) -> str | None:
+    text = value.strip().lower().replace(":", "")
+    if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+        return None
+    return (
+        f"{value[:100]!r} is not a SHA-256 fingerprint (64 hex digits, colons allowed; "
+        "openssl x509 -noout -fingerprint -sha256 -in CERT prints it)"
+    )
 
 
 @dataclass
@@ -711,6 +725,14 @@ class XmppConfig:
     port: int = _key(5222, kind="int", bounds=(1, 65535))
     nick: str = _key("Transcriber", kind="str", check=_check_nonempty)
     starttls: bool = _key(True, kind="bool")
+    # trust for the server's certificate; neither set: the system CAs.
+    # ca_file: PEM file (e.g. the Prosody certificate of a stock install,
+    # /etc/prosody/certs/<domain>.crt); pinned_cert_sha256: the SHA-256
+    # fingerprint of the server's certificate, hex, colons optional
+    ca_file: Path | None = _key(None, kind="path", optional=True)
+    pinned_cert_sha256: str | None = _key(None, kind="str", optional=True, check=_check_fingerprint)
+    # the name the certificate must carry when it is not the JID's domain
+    tls_server_name: str | None = _key(None, kind="str", optional=True, check=_check_nonempty)
     send_text: bool = _key(False, kind="bool")
     # "{room}" and "{transcript_id}" are filled in; "" sends no link
     advertise_url: str = _key("", kind="str")
@@ -982,6 +1004,24 @@ def _read_token_file(server: ServerConfig, values: dict[str, _Value]) -> None:
     server.token = token
 
 
+def _check_xmpp_tls(xmpp: XmppConfig, values: dict[str, _Value]) -> None:
+    tls_keys = [k for k in ("ca_file", "pinned_cert_sha256", "tls_server_name") if k in values]
+    if tls_keys and getattr(xmpp, tls_keys[0]) is not None and not xmpp.starttls:
+        raise ConfigError(
+            values[tls_keys[0]].source,
+            f"xmpp.{tls_keys[0]}",
+            "needs xmpp.starttls = true (without TLS there is no certificate to check)",
+        )
+    if xmpp.ca_file is None:
+        return
+    from sidecar.xmpp.tls import load_ca_file
+
+    try:
+        load_ca_file(xmpp.ca_file)
+    except ValueError as e:
+        raise ConfigError(values["ca_file"].source, "xmpp.ca_file", str(e)) from None
+
+
 def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) -> SidecarConfig:
     """Read the deployment configuration.
 
@@ -1008,6 +1048,7 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
     whisper: WhisperConfig = sections["whisper"]
     _read_token_file(server, values.get("server", {}))
     _check_model(whisper, values.get("whisper", {}))
+    _check_xmpp_tls(sections["xmpp"], values.get("xmpp", {}))
     return SidecarConfig(
         server=server,
         store=sections["store"],

@@ -16,9 +16,9 @@ class BatchedCounter:
 
     def __init__(self, child: Any) -> None:
         self.child = child
-        self.n = 0
+        self.n: float = 0
 
-    def inc(self, amount: int = 1) -> None:
+    def inc(self, amount: float = 1) -> None:
         self.n += amount
 
     def flush(self) -> None:

@@ -4,6 +4,30 @@ A room runs one :class:`~sidecar.pipeline.speaker.SpeakerPipeline` per
 participant who sends audio, while captions or transcription (or both) are
 on. Finals are written to the transcript (fsynced) *before* they are
 published, so any final a viewer has seen survives a crash.
+
+Captions reach the participants' screens through exactly one *carrier* per
+caption, never two: jitsi-meet shows what arrives on either (the MUC
+``json-message`` and the videobridge's ``EndpointMessage`` from
+"transcriber", which lib-jitsi-meet raises as NON_PARTICIPANT_MESSAGE_RECEIVED),
+so sending on both shows every caption twice in the CC tab and the external
+API. The rule (:meth:`Room.pick_carrier`):
+
+- ``muc``, the transcriber occupant's groupchat, whenever the sidecar's
+  occupant is enabled and joined in the room. It works whatever brings the
+  audio (videobridge export, RTP, the control API), its presence is what
+  makes the UI show "transcribing" (lib-jitsi-meet raises the
+  transcription-status only for a hidden-domain member with the transcriber
+  feature), and the MUC reaches every endpoint, on every bridge of the
+  conference;
+- ``videobridge``, the answer on the export socket, otherwise (XMPP off, or
+  the occupant not in the room: refused, reconnecting). The bridge relays it
+  to every endpoint (jvb ``Conference.ExporterEventHandlerImpl.
+  handleTranscriptionResult`` broadcasts an ``EndpointMessage`` with
+  ``from: "transcriber"``), but that path exists only while the export is
+  open.
+
+The choice sticks to an utterance (its ``message_id``) while its carrier can
+still send, so an utterance's interims and final arrive the same way.
 """
 
 from __future__ import annotations
@@ -57,6 +81,15 @@ TRANSCRIPT_ERRORS = Counter(
 )
 DRAIN_TIMEOUT = 30.0  # seconds a stop waits for the last finals
 INGEST_SOURCES = ("videobridge", "jigasi")
+CARRIED = Counter(
+    "captions_carried_total",
+    "Captions sent to the participants, by carrier (each on exactly one)",
+    ["carrier"],
+)
+NO_AUDIO = Counter(
+    "captions_no_audio_warnings_total",
+    "Rooms switched on that got no audio within ingest.no_audio_warning_s",
+)
 SUBSCRIBER_DROPS = Counter(
     "captions_subscriber_dropped_total", "Caption events not delivered to a slow subscriber"
 )
@@ -126,6 +159,17 @@ class Subscriber:
 
 CaptionSink = Callable[[Caption], None]
 
+CARRIERS = ("muc", "videobridge")  # in order of preference, see the module doc
+
+
+@dataclass(slots=True)
+class Carrier:
+    """One way captions reach the participants: ``send`` when ``ready()``."""
+
+    name: str  # one of CARRIERS
+    ready: Callable[[], bool]
+    send: CaptionSink
+
 
 @dataclass
 class Room:
@@ -154,10 +198,42 @@ class Room:
     ingest_connections: int = 0  # open videobridge / Jigasi sockets
     last_audio: float = field(default_factory=time.monotonic)
     source: str = ""  # who started it: "videobridge", "jigasi", or a control API caller
+    # where captions go to the participants' screens, by CARRIERS name
+    carriers: dict[str, Carrier] = field(default_factory=dict)
+    carrier_by_message: dict[str, str] = field(default_factory=dict)
+    # what an operator should act on, by kind ("no_audio", "join"), in words
+    warnings: dict[str, str] = field(default_factory=dict)
+    active_since: float = field(default_factory=time.monotonic)
+    audio_seen: bool = False  # a frame arrived since captions/transcription went on
+    requested_by: str = ""  # the last person (endpoint id) who asked, for notices
+    room_password: str = ""  # for the transcriber occupant's join; never logged
 
     @property
     def active(self) -> bool:
         return self.transcribing or self.captioning
+
+    def pick_carrier(self, message_id: str = "") -> Carrier | None:
+        """The one carrier a caption goes out on (see the module doc)."""
+        name = self.carrier_by_message.get(message_id) if message_id else None
+        if name is not None:
+            c = self.carriers.get(name)
+            if c is not None and c.ready():
+                return c
+        for name in CARRIERS:
+            c = self.carriers.get(name)
+            if c is not None and c.ready():
+                return c
+        return None
+
+    @property
+    def warning(self) -> str:
+        return " | ".join(self.warnings.values())
+
+    @property
+    def carrier(self) -> str:
+        """The carrier a new caption would take now ("" for none)."""
+        c = self.pick_carrier()
+        return c.name if c is not None else ""
 
     @property
     def transcript_id(self) -> str:
@@ -177,6 +253,7 @@ class RoomManager:
         max_subscribers_per_room: int = 20,
         gate: GateConfig | None = None,
         ingest_idle_end_s: float = 600.0,
+        no_audio_warning_s: float = 10.0,
     ) -> None:
         self.defaults = defaults
         self.store = store
@@ -194,6 +271,11 @@ class RoomManager:
         self._ticker: asyncio.Task[None] | None = None
         self.on_change: list[Callable[[Room, str], None]] = []
         self.ingest_idle_end_s = ingest_idle_end_s
+        # a room on with no audio after this long gets a warning; 0: never
+        self.no_audio_warning_s = no_audio_warning_s
+        # where the videobridge should connect, for the warning's words
+        self.mediajson_url = ""
+        self._last_audio_check = time.monotonic()
         self._last_reap = time.monotonic()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -210,6 +292,9 @@ class RoomManager:
             if now - self._last_reap > 10:
                 self._last_reap = now
                 self._reap_idle_ingest_rooms(now)
+            if now - self._last_audio_check >= 0.5:
+                self._last_audio_check = now
+                self._check_no_audio(now)
             for room in list(self.rooms.values()):
                 if not room.live:
                     continue
@@ -235,6 +320,44 @@ class RoomManager:
                 task = asyncio.create_task(self._end_quietly(r.name))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+
+    def _check_no_audio(self, now: float) -> None:
+        """A room switched on that gets no audio says so, once, in words."""
+        limit = self.no_audio_warning_s
+        if limit <= 0:
+            return
+        for r in list(self.rooms.values()):
+            if not r.active or r.audio_seen or not r.live or "no_audio" in r.warnings:
+                continue
+            if now - r.active_since < limit:
+                continue
+            r.warnings["no_audio"] = text = self._no_audio_text(r, limit)
+            NO_AUDIO.inc()
+            log.warning("%s", text)
+            self._notify(r, "no_audio")
+
+    def _no_audio_text(self, r: Room, limit: float) -> str:
+        if r.ingest_connections > 0:
+            who = "Jigasi" if r.source == "jigasi" else "the videobridge"
+            return (
+                f"{who} is connected for room {r.name} but sent no audio "
+                f"{limit:.0f} s after start: is everyone muted? (the bridge exports only "
+                "audio that participants send)"
+            )
+        url = self.mediajson_url or "the sidecar's mediajson URL"
+        return (
+            f"no audio from the videobridge for room {r.name} {limit:.0f} s after start: "
+            f"check jicofo.transcription.url-template (it must point at {url}), that the "
+            "room_metadata component is loaded (Jicofo turns the export on only from room "
+            f"metadata with asyncTranscription and recording.isTranscribingEnabled) and that "
+            f"the bridge can reach {url}"
+        )
+
+    def _audio_arrived(self, r: Room) -> None:
+        r.audio_seen = True
+        if r.warnings.pop("no_audio", None) is not None:
+            log.info("room %s: audio arrives now; the no-audio warning is cleared", r.name)
+            self._notify(r, "audio")
 
     async def _end_quietly(self, name: str) -> None:
         with contextlib.suppress(NotFound):
@@ -305,14 +428,20 @@ class RoomManager:
         requested_by: str = "",
         live: bool = True,
         meeting_id: str = "",
+        room_password: str = "",
     ) -> Room:
-        """Switch ``kind`` ("transcription" or "captions") on. Idempotent."""
+        """Switch ``kind`` ("transcription" or "captions") on. Idempotent.
+
+        ``room_password``: the MUC room's password (the dial's
+        ``JvbRoomPassword``), for the transcriber occupant."""
         r = self._room(room)
         # one change at a time per room: a start must not interleave with a
         # stop that is still draining, or with the room being ended
         async with r.lock:
             if self.rooms.get(r.name) is not r:
                 r = self._room(room)  # it was ended meanwhile: a new one
+            if room_password:
+                r.room_password = room_password[:256]
             return await self._start_locked(
                 r, kind, settings, trigger, requested_by, live, meeting_id
             )
@@ -349,10 +478,14 @@ class RoomManager:
         eff = self._resolve(r)
         self._apply(r, eff)
         r.live = live
+        if requested_by and requested_by not in INGEST_SOURCES:
+            r.requested_by = requested_by
         if not was_active:
             r.trigger = trigger
             r.source = requested_by
-            r.last_audio = time.monotonic()
+            r.last_audio = r.active_since = time.monotonic()
+            r.audio_seen = False
+            r.warnings.pop("no_audio", None)
         if kind == "transcription" and not r.transcribing:
             r.writer = await asyncio.to_thread(self.store.open, r.name, language=eff.language)
             r.transcribing = True
@@ -401,6 +534,8 @@ class RoomManager:
                 log.info("room %s: transcript %s saved (%d entries)", r.name, meta.id, meta.entries)
         else:
             r.captioning = False
+        if not r.active:
+            r.warnings.pop("no_audio", None)
         ROOMS_ACTIVE.set(sum(1 for x in self.rooms.values() if x.active))
         self._notify(r, "stop")
 
@@ -573,6 +708,8 @@ class RoomManager:
                 FRAMES_DROPPED.labels("too_many_speakers").inc()
                 return False
             sp = self._new_speaker(r, participant)
+        if not r.audio_seen:
+            self._audio_arrived(r)
         try:
             sp.push(frame)
         except Exception:
@@ -679,6 +816,21 @@ class RoomManager:
                 sink(cap)
             except Exception:
                 log.exception("room %s: caption sink failed", r.name)
+        carrier = r.pick_carrier(cap.message_id)
+        if carrier is None:
+            CARRIED.labels("none").inc()
+            return
+        if cap.is_interim:
+            if len(r.carrier_by_message) > 1000:  # utterances that never got a final
+                r.carrier_by_message.clear()
+            r.carrier_by_message[cap.message_id] = carrier.name
+        else:
+            r.carrier_by_message.pop(cap.message_id, None)
+        try:
+            carrier.send(cap)
+            CARRIED.labels(carrier.name).inc()
+        except Exception:
+            log.exception("room %s: caption carrier %s failed", r.name, carrier.name)
 
     def subscribe(self, room: str, include_interims: bool) -> Subscriber:
         r = self._room(room)

@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.api.grpcweb import GrpcWebGateway
+from sidecar.api.metrics import MetricsInterceptor
 from sidecar.api.servicer import CaptionsService
 from sidecar.asr.base import Recognizer
 from sidecar.asr.scheduler import Scheduler
@@ -28,16 +29,23 @@ from sidecar.counters import flush_all
 from sidecar.ingest.mediajson import MediaJsonEndpoint
 from sidecar.ingest.rtp import RtpIngest
 from sidecar.ingest.skynet import SkynetEndpoint
+from sidecar.metrics import track_rooms
 from sidecar.pipeline.speaker import GateConfig
 from sidecar.pipeline.vad import SileroVad
 from sidecar.proto.captions.v1 import captions_pb2, captions_pb2_grpc
-from sidecar.rooms import Room, RoomManager
+from sidecar.rooms import Carrier, Room, RoomManager
 from sidecar.store.local import LocalDirStore
+from sidecar.xmpp.tls import TlsPolicy, normalise_fingerprint
 from sidecar.xmpp.transcriber import TranscriberOccupant, TranscriberOptions
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "captions.v1.Captions"
+NO_AUDIO_NOTICE = (
+    "Captions are on, but no audio reaches the transcriber, so no captions can appear. "
+    "The administrator should check the videobridge export (jicofo.transcription."
+    "url-template and the room metadata component)."
+)
 
 
 def _split(listen: str) -> tuple[str, int]:
@@ -72,7 +80,9 @@ class Sidecar:
             max_speakers_per_room=lim.max_speakers_per_room,
             max_subscribers_per_room=lim.max_subscribers_per_room,
             gate=GateConfig(max_frame_bytes=lim.max_frame_bytes),
+            no_audio_warning_s=config.ingest.no_audio_warning_s,
         )
+        track_rooms(self.rooms)
         self.service = CaptionsService(self.rooms, self.store, token)
         ing = config.ingest
         self.mediajson = MediaJsonEndpoint(
@@ -108,9 +118,16 @@ class Sidecar:
                     starttls=x.starttls,
                     send_text=x.send_text,
                     advertise_url=x.advertise_url,
+                    tls=TlsPolicy(
+                        ca_file=str(x.ca_file) if x.ca_file is not None else "",
+                        pinned_sha256=normalise_fingerprint(x.pinned_cert_sha256 or "") or "",
+                        server_name=x.tls_server_name or "",
+                    ),
                 )
             )
             self.rooms.on_change.append(self._room_changed)
+            self.occupant.on_refused.append(self._join_refused)
+            self.occupant.on_joined.append(self._joined)
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.runner: web.AppRunner | None = None
@@ -125,12 +142,37 @@ class Sidecar:
             return
         if "@" not in room.name:
             return  # not a MUC room (a Jigasi connection id): nothing to join
+        if what == "no_audio":
+            # the moderator who asked (a private message), else the whole room
+            occ.notify(room.name, NO_AUDIO_NOTICE, to=room.requested_by)
+            return
+        if what == "audio":
+            occ.withdraw(room.name, NO_AUDIO_NOTICE)  # not sent yet: no longer true
+            return
         if what == "start" and room.active:
-            occ.join(room.name, room.transcript_id)
-            if occ.send_caption not in room.sinks:
-                room.sinks.append(occ.send_caption)
+            occ.join(room.name, room.transcript_id, password=room.room_password)
+            if "muc" not in room.carriers:
+                name = room.name
+                room.carriers["muc"] = Carrier(
+                    "muc", ready=lambda: occ.joined(name), send=occ.send_caption
+                )
         elif what == "end" or not room.active:
             occ.leave(room.name)
+            room.carriers.pop("muc", None)
+            room.warnings.pop("join", None)
+
+    def _join_refused(self, name: str, reason: str) -> None:
+        room = self.rooms.rooms.get(name)
+        if room is not None:
+            room.warnings["join"] = (
+                f"the transcriber occupant is not in the room, captions go through the "
+                f"videobridge if it is connected: {reason}"
+            )
+
+    def _joined(self, name: str) -> None:
+        room = self.rooms.rooms.get(name)
+        if room is not None:
+            room.warnings.pop("join", None)
 
     def http_app(self) -> web.Application:
         app = web.Application(client_max_size=8 * 1024 * 1024)
@@ -175,10 +217,11 @@ class Sidecar:
             await asyncio.to_thread(self.whisper.preload)
 
         server = grpc.aio.server(
+            interceptors=[MetricsInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", 4 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         captions_pb2_grpc.add_CaptionsServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -195,6 +238,10 @@ class Sidecar:
         server_obj = getattr(site, "_server", None)
         sockets = getattr(server_obj, "sockets", None) or []
         self.ports.http = sockets[0].getsockname()[1] if sockets else port
+        shown = host if host not in ("0.0.0.0", "::", "") else "SIDECAR-HOST"
+        self.rooms.mediajson_url = (
+            f"ws://{shown}:{self.ports.http}{self.config.ingest.mediajson_path}/{{{{MEETING_ID}}}}"
+        )
 
         if self.rtp is not None:
             self.ports.rtp = await self.rtp.start(*_split(self.config.ingest.rtp_listen))

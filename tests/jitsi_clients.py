@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -33,6 +34,11 @@ NICK = "http://jabber.org/protocol/nick"
 RAYO = "urn:xmpp:rayo:1"
 STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 FEATURE_TRANSCRIBER = "http://jitsi.org/protocol/transcriber"
+MUC_OWNER = "http://jabber.org/protocol/muc#owner"
+XDATA = "jabber:x:data"
+JINGLE = "urn:xmpp:jingle:1"
+JINGLE_RTP = "urn:xmpp:jingle:apps:rtp:1"
+JINGLE_SSMA = "urn:xmpp:jingle:apps:rtp:ssma:0"
 
 
 async def wait_for(cond: Callable[[], object], limit: float = 15.0, what: str = "") -> float:
@@ -115,17 +121,62 @@ class FocusClient(_Recorder):
 
 
 class JitsiClient(_Recorder):
-    """A Jitsi Meet participant (lib-jitsi-meet's ChatRoom)."""
+    """A Jitsi Meet participant (lib-jitsi-meet's ChatRoom).
+
+    It accepts the focus's Jingle ``session-initiate`` with one audio source
+    (``ENDPOINT-a0``, a random SSRC, ``ssrc-info`` owner), as a browser does
+    once its media is set up; ``room_password`` is sent when joining.
+    """
 
     def __init__(
-        self, jid: str, password: str, room: str, endpoint: str, name: str, avatar: str = ""
+        self,
+        jid: str,
+        password: str,
+        room: str,
+        endpoint: str,
+        name: str,
+        avatar: str = "",
+        room_password: str | None = None,
     ) -> None:
         super().__init__(jid, password)
         self.room = room
         self.endpoint = endpoint
         self.name = name
         self.avatar = avatar
+        self.room_password = room_password
         self.properties: dict[str, str] = {}
+        self.ssrc = int.from_bytes(os.urandom(4), "big") or 1
+        self.register_handler(
+            Callback(
+                "jingle",
+                MatchXPath(f"{{jabber:client}}iq/{{{JINGLE}}}jingle"),
+                self._jingle,  # type: ignore[arg-type]
+            )
+        )
+
+    def _jingle(self, iq: slixmpp.Iq) -> None:
+        jingle = iq.xml.find(f"{{{JINGLE}}}jingle")
+        if iq["type"] != "set" or jingle is None:
+            return
+        iq.reply().send()
+        if jingle.get("action") != "session-initiate":
+            return
+        accept = self.make_iq_set(ito=iq["from"])
+        j = ET.SubElement(accept.xml, f"{{{JINGLE}}}jingle")
+        j.set("action", "session-accept")
+        j.set("sid", jingle.get("sid", ""))
+        j.set("responder", str(self.boundjid))
+        content = ET.SubElement(j, f"{{{JINGLE}}}content")
+        content.set("creator", "initiator")
+        content.set("name", "audio")
+        content.set("senders", "both")
+        desc = ET.SubElement(content, f"{{{JINGLE_RTP}}}description")
+        desc.set("media", "audio")
+        src = ET.SubElement(desc, f"{{{JINGLE_SSMA}}}source")
+        src.set("ssrc", str(self.ssrc))
+        src.set("name", f"{self.endpoint}-a0")
+        ET.SubElement(src, f"{{{JITMEET}}}ssrc-info").set("owner", self.occupant_jid)
+        accept.send()
 
     @property
     def occupant_jid(self) -> str:
@@ -134,7 +185,9 @@ class JitsiClient(_Recorder):
     def _presence(self, join: bool) -> slixmpp.Presence:
         pres = self.make_presence(pto=self.occupant_jid)
         if join:
-            pres.append(ET.Element(f"{{{MUC}}}x"))
+            x = ET.SubElement(pres.xml, f"{{{MUC}}}x")
+            if self.room_password:
+                ET.SubElement(x, f"{{{MUC}}}password").text = self.room_password
         nick = ET.Element(f"{{{NICK}}}nick")
         nick.text = self.name
         pres.append(nick)
@@ -158,6 +211,42 @@ class JitsiClient(_Recorder):
         """conference.setLocalParticipantProperty: a presence with every property."""
         self.properties[name] = value
         self._presence(join=False).send()
+
+    async def configure_room(self, fields: dict[str, str]) -> ET.Element:
+        """An owner's room configuration (muc#owner form), as jitsi-meet's
+        lock (muc#roomconfig_roomsecret) or lobby (membersonly) do."""
+        get = self.make_iq_get(ito=self.room)
+        ET.SubElement(get.xml, f"{{{MUC_OWNER}}}query")
+        await self.send_iq(get)
+        iq = self.make_iq_set(ito=self.room)
+        x = ET.SubElement(ET.SubElement(iq.xml, f"{{{MUC_OWNER}}}query"), f"{{{XDATA}}}x")
+        x.set("type", "submit")
+        for var, value in {
+            "FORM_TYPE": "http://jabber.org/protocol/muc#roomconfig",
+            **fields,
+        }.items():
+            f = ET.SubElement(x, f"{{{XDATA}}}field")
+            f.set("var", var)
+            ET.SubElement(f, f"{{{XDATA}}}value").text = value
+        return await self.send_iq(iq)
+
+    def set_room_metadata(self, component: str, key: str, data: object) -> None:
+        """lib-jitsi-meet RoomMetadata.setMetadata: a message to the component."""
+        msg = self.make_message(mto=component)
+        el = ET.SubElement(msg.xml, f"{{{JITMEET}}}room_metadata")
+        el.set("room", self.room)
+        el.text = json.dumps({"key": key, "data": data, "type": "room_metadata"})
+        msg.send()
+
+    def room_metadata(self, component: str) -> list[dict]:
+        """The metadata pushed by the component (json-message from it)."""
+        out = []
+        for _, kind, el in self.events:
+            if kind == "message" and el.get("from") == component:
+                jm = el.find(f"{{{JITMEET}}}json-message")
+                if jm is not None and jm.text:
+                    out.append(json.loads(jm.text))
+        return out
 
     def set_name(self, name: str) -> None:
         self.name = name
@@ -185,6 +274,7 @@ class JitsiClient(_Recorder):
         target: str = "jitsi_meet_transcribe",
         to: str | None = None,
         extra: list[ET.Element] | None = None,
+        password: str | None = None,
     ) -> slixmpp.Iq:
         """strophe.rayo.ts's dial: to the focus occupant, JvbRoomName header."""
         iq = self.make_iq_set(ito=to or f"{self.room}/focus")
@@ -195,6 +285,10 @@ class JitsiClient(_Recorder):
             header = ET.SubElement(dial, f"{{{RAYO}}}header")
             header.set("name", "JvbRoomName")
             header.set("value", room_name)
+        if password:  # strophe.rayo.ts: JvbRoomPassword when the room has one
+            header = ET.SubElement(dial, f"{{{RAYO}}}header")
+            header.set("name", "JvbRoomPassword")
+            header.set("value", password)
         for el in extra or []:
             dial.append(el)
         return iq

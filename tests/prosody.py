@@ -41,12 +41,30 @@ class Prosody:
     extra_hosts: list[str] = field(default_factory=list)
     global_options: str = ""
     global_modules: list[str] = field(default_factory=list)
+    # STARTTLS required on c2s (mod_tls on), with the certificates of
+    # self_signed() in certs/; off: plain TCP as before
+    tls: bool = False
+    # lines inside the main VirtualHost (DOMAIN) section, e.g. its own
+    # modules_enabled; more Component sections, appended after the MUC
+    main_host_options: str = ""
+    components: str = ""
+    # an HTTP listener on 127.0.0.1 (mod_http_openmetrics...); 0: none
+    http_port: int = 0
 
     def write_config(self) -> None:
         plugins = ", ".join(f'"{p}"' for p in self.plugin_paths)
         muc_modules = ", ".join(f'"{m}"' for m in self.extra_modules)
         hosts = "".join(f'VirtualHost "{h}"\n' for h in self.extra_hosts)
         global_modules = "".join(f'; "{m}"' for m in self.global_modules)
+        if self.tls:
+            global_modules += '; "tls"'
+        disabled = '"s2s"' if self.tls else '"s2s"; "tls"'
+        require = "true" if self.tls else "false"
+        http = (
+            f'http_ports = {{ {self.http_port} }}\nhttp_interfaces = {{ "127.0.0.1" }}'
+            if self.http_port
+            else "http_ports = { }"
+        )
         self.config.write_text(
             f"""
 run_as_root = true
@@ -57,25 +75,45 @@ c2s_ports = {{ {self.port} }}
 c2s_interfaces = {{ "127.0.0.1" }}
 s2s_ports = {{ }}
 component_ports = {{ }}
-http_ports = {{ }}
+{http}
 https_ports = {{ }}
 certificates = "{self.root}/certs"
-c2s_require_encryption = false
+c2s_require_encryption = {require}
 allow_unencrypted_plain_auth = true
 authentication = "internal_plain"
 modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; "posix"{global_modules} }}
-modules_disabled = {{ "s2s"; "tls" }}
+modules_disabled = {{ {disabled} }}
 plugin_paths = {{ {plugins} }}
 {self.global_options}
 VirtualHost "{DOMAIN}"
+{self.main_host_options}
 VirtualHost "{HIDDEN}"
 {hosts}Component "{MUC}" "muc"
   modules_enabled = {{ {muc_modules} }}
   muc_room_default_public_jids = true
   muc_room_locking = false
 {self.muc_options}
+{self.components}
 """
         )
+
+    def self_signed(self, host: str) -> Path:
+        """A self-signed certificate for ``host`` in certs/, as a stock install
+        has; returns the certificate's path. Call before start()."""
+        certs = self.root / "certs"
+        certs.mkdir(exist_ok=True)
+        crt, key = certs / f"{host}.crt", certs / f"{host}.key"
+        subprocess.run(
+            [
+                "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                "-keyout", str(key), "-out", str(crt), "-subj", f"/CN={host}",
+                "-addext", f"subjectAltName=DNS:{host}",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )  # fmt: skip
+        return crt
 
     def register(self, user: str, host: str, password: str) -> None:
         subprocess.run(

@@ -363,7 +363,8 @@ async def test_healthz_and_metrics_over_http(sidecar: Sidecar) -> None:
         counted = [
             line
             for line in metrics.splitlines()
-            if line.startswith("captions_grpcweb_requests_total{")
+            if line.startswith("captions_api_requests_total{")
+            and 'transport="grpc-web"' in line
             and 'method="StartCaptions"' in line
             and 'code="OK"' in line
         ]

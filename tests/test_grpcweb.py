@@ -189,7 +189,7 @@ def status_of(body: bytes) -> dict[str, str]:
 
 def counter(method: str, code: str) -> float:
     value = REGISTRY.get_sample_value(
-        "captions_grpcweb_requests_total", {"method": method, "code": code}
+        "captions_api_requests_total", {"transport": "grpc-web", "method": method, "code": code}
     )
     return value or 0.0
 

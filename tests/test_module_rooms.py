@@ -108,7 +108,8 @@ async def test_the_recording_dialogs_switch_off_stops_a_dialled_transcriber(tmp_
             d,
             "r.jitsiMetadata.recording = { isTranscribingEnabled = false }; "
             f'prosody.hosts["{MUC}"].events.fire_event("jitsi-metadata-updated", '
-            '{ room = r, key = "recording", actor = r:get_occupant_by_nick(r.jid .. "/a1b2c3d4") }); '
+            '{ room = r, key = "recording", '
+            'actor = r:get_occupant_by_nick(r.jid .. "/a1b2c3d4") }); '
             'return "ok"',
         )
         await wait_for(lambda: left_with_off(focus), 10, "transcriber left")

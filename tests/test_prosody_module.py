@@ -414,7 +414,7 @@ async def test_videobridge_path_follows_the_room_metadata(tmp_path):
         on_s = time.monotonic() - t0
         room = sidecar.rooms.get(ROOM)
         # a transcript, and the captions Jitsi shows from the same results
-        assert room.transcribing and room.captioning
+        await wait_for(lambda: room.transcribing and room.captioning, 10, "both on")
         # the export's URL names the room (Jicofo appends transcription.urlParams)
         out = await asyncio.to_thread(lua, "return r.jitsiMetadata.transcription.urlParams.room")
         assert ROOM in out, out

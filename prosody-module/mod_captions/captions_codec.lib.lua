@@ -189,6 +189,7 @@ define_message("StartRequest", {
 	{ 3, "requested_by", "string" },
 	{ 4, "trigger", "enum", nil, "Trigger" },
 	{ 5, "meeting_id", "string" },
+	{ 6, "room_password", "string" },
 });
 define_message("StopRequest", {
 	{ 1, "room", "string" },
@@ -223,6 +224,8 @@ define_message("RoomStatus", {
 	{ 7, "active_speakers", "uint32" },
 	{ 8, "captions_sent", "uint64" },
 	{ 9, "trigger", "enum", nil, "Trigger" },
+	{ 10, "warning", "string" },
+	{ 11, "caption_carrier", "string" },
 });
 define_message("ListRoomsRequest", {});
 define_message("ListRoomsResponse", {

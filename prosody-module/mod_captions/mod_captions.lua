@@ -1358,6 +1358,13 @@ local function health_check()
 		for _, state in pairs(rooms) do
 			if not state.busy then
 				local status = there[state.jid:lower()];
+				-- what the sidecar says an operator should act on (no audio from
+				-- the videobridge, the transcriber's join refused), once per text
+				local warning = status and status.warning or "";
+				if warning ~= "" and warning ~= state.warned then
+					module:log("warn", "Sidecar on %q: %s", state.jid, warning);
+				end
+				state.warned = warning ~= "" and warning or nil;
 				-- an answer about the room as it was before this module's last call is stale
 				local fresh = (state.last_call_done or 0) < asked_at;
 				local was_uncertain, followed = {}, false;

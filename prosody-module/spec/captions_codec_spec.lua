@@ -195,6 +195,7 @@ describe("captions_codec", function ()
 			assert.same({
 				room = "", transcribing = false, captioning = false, transcript_id = "",
 				participants = 0, active_speakers = 0, captions_sent = 0, trigger = "TRIGGER_UNSPECIFIED",
+				warning = "", caption_carrier = "",
 			}, codec.decode("RoomStatus", ""));
 			assert.same({ rooms = {} }, codec.decode("ListRoomsResponse", ""));
 		end);
@@ -216,6 +217,7 @@ describe("captions_codec", function ()
 			StartRequest = {
 				room = "lobby@conference.meet.example.com", settings = full_settings,
 				requested_by = "abcd1234", trigger = "TRIGGER_MANUAL", meeting_id = "4f0c-11ee",
+				room_password = "pässwörd",
 			},
 			StopRequest = { room = "r", reason = "STOP_REASON_USER" },
 			UpdateSettingsRequest = { room = "r", settings = { captions_mode = "MODE_DISABLED", translation_languages = {} } },
@@ -232,15 +234,18 @@ describe("captions_codec", function ()
 			RoomStatus = {
 				room = "r", transcribing = true, captioning = true, effective = full_settings,
 				transcript_id = "t-1", participants = 3, active_speakers = 1, captions_sent = 1 << 40,
+				warning = "no audio from the videobridge", caption_carrier = "muc",
 				trigger = "TRIGGER_AUTOMATIC_2ND_PARTICIPANT",
 			},
 			ListRoomsRequest = {},
 			ListRoomsResponse = {
 				rooms = {
 					{ room = "a", transcribing = false, captioning = true, transcript_id = "", participants = 0,
-						active_speakers = 0, captions_sent = 0, trigger = "TRIGGER_UNSPECIFIED" },
+						active_speakers = 0, captions_sent = 0, trigger = "TRIGGER_UNSPECIFIED",
+						warning = "no audio", caption_carrier = "muc" },
 					{ room = "b", transcribing = true, captioning = false, transcript_id = "x", participants = 9,
 						active_speakers = 2, captions_sent = 12, trigger = "TRIGGER_MANUAL",
+						warning = "", caption_carrier = "videobridge",
 						effective = { language = "auto", translation_languages = {} } },
 				},
 			},
@@ -272,6 +277,7 @@ describe("captions_codec", function ()
 				room = "r", transcribing = false, captioning = true, transcript_id = "",
 				effective = { language = "en", interim_results = true, translation_languages = {} },
 				participants = 2, active_speakers = 0, captions_sent = 10, trigger = "TRIGGER_AUTOMATIC",
+				warning = "", caption_carrier = "",
 			}, codec.decode("RoomStatus", bytes));
 		end);
 

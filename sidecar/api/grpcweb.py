@@ -38,7 +38,9 @@ from aiohttp import web
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
-from prometheus_client import Counter
+
+from sidecar.api.metrics import API_DURATION
+from sidecar.api.metrics import API_REQUESTS as REQUESTS_TOTAL
 
 __all__ = [
     "CONTENT_TYPE_PROTO",
@@ -90,11 +92,8 @@ _CORS_EXPOSE_HEADERS = "grpc-status, grpc-message"
 # would notice.
 _DISCONNECT_POLL_S = 0.25
 
-REQUESTS_TOTAL = Counter(
-    "captions_grpcweb_requests_total",
-    "gRPC-Web calls answered by the HTTP gateway, by method and final gRPC status",
-    ["method", "code"],
-)
+# REQUESTS_TOTAL (captions_api_requests_total, transport="grpc-web") and
+# API_DURATION are shared with the native gRPC server's interceptor.
 
 _CODE_BY_INT: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -583,6 +582,7 @@ class GrpcWebGateway:
         method = self._methods.get(name)
         label = method.name if method is not None else "unknown"
         ctx: GrpcWebServicerContext | None = None
+        t0 = time.monotonic()
         try:
             if method is None or method.handler is None:
                 raise _StatusError(
@@ -598,7 +598,7 @@ class GrpcWebGateway:
         except _StatusError as exc:
             if ctx is not None:
                 ctx._finish()
-            REQUESTS_TOTAL.labels(label, exc.status.code.name).inc()
+            REQUESTS_TOTAL.labels("grpc-web", label, exc.status.code.name).inc()
             return await self._send_trailers_only(request, exc.status, text)
 
         assert method is not None and ctx is not None
@@ -614,7 +614,9 @@ class GrpcWebGateway:
             if status is _GONE:
                 ctx._cancelled = True
             ctx._finish()
-            REQUESTS_TOTAL.labels(label, status.code.name).inc()
+            REQUESTS_TOTAL.labels("grpc-web", label, status.code.name).inc()
+            if not method.server_streaming:
+                API_DURATION.labels("grpc-web", label).observe(time.monotonic() - t0)
         # Normally already sent; when the client vanished first aiohttp finds
         # the connection gone and drops it quietly.
         return resp if resp is not None else web.Response(status=499)

@@ -120,6 +120,8 @@ class CaptionsService(pb_grpc.CaptionsServicer):
             active_speakers=sum(1 for s in r.speakers.values() if s.seg.in_speech),
             captions_sent=r.captions_sent,
             trigger=trigger_to_proto(r.trigger),
+            warning=r.warning,
+            caption_carrier=r.carrier if r.captioning else "",
         )
 
     @staticmethod
@@ -139,6 +141,7 @@ class CaptionsService(pb_grpc.CaptionsServicer):
             trigger=trigger,
             requested_by=request.requested_by[:256],
             meeting_id=request.meeting_id,
+            room_password=request.room_password,
         )
         return self._status(r)
 

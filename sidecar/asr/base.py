@@ -34,6 +34,17 @@ RECOGNISE_ERRORS = Counter(
     "Failed recogniser decodes",
     ["provider", "error"],  # error: timeout, provider, internal
 )
+RECOGNISED_AUDIO = Counter(
+    "captions_recognised_audio_seconds_total",
+    "Seconds of audio in successful recogniser decodes (interims decode the same audio again)",
+    ["provider", "kind"],
+)
+REAL_TIME_FACTOR = Histogram(
+    "captions_recogniser_real_time_factor",
+    "Decode time over the audio's duration, per decode (below 1: faster than real time)",
+    ["provider", "kind"],
+    buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5),
+)
 
 
 class ProviderError(Exception):
@@ -88,6 +99,8 @@ class Recognizer(ABC):
     def __init__(self, *, timeout: float = 30.0, retries: int = 1) -> None:
         self.timeout = timeout
         self.retries = retries
+        for error in ("timeout", "provider", "internal"):
+            RECOGNISE_ERRORS.labels(self.name, error)  # export zeros for rate() and alerts
 
     async def recognize(self, req: Request) -> DecodeResult:
         """One decode. Raises ProviderTimeout / ProviderError, or
@@ -115,7 +128,11 @@ class Recognizer(ABC):
                 log.exception("%s: decode failed", self.name)
                 raise ProviderError(f"{self.name}: {e}", status="internal") from e
             else:
-                RECOGNISE_SECONDS.labels(self.name, req.kind).observe(time.monotonic() - t0)
+                took, audio_s = time.monotonic() - t0, len(req.audio) / 16000
+                RECOGNISE_SECONDS.labels(self.name, req.kind).observe(took)
+                RECOGNISED_AUDIO.labels(self.name, req.kind).inc(audio_s)
+                if audio_s > 0:
+                    REAL_TIME_FACTOR.labels(self.name, req.kind).observe(took / audio_s)
                 return result
             # interims are not worth a retry: the next one comes soon
             if req.kind == "final" and err.retryable and attempt < self.retries:

@@ -34,6 +34,13 @@ JOBS = Counter(
 )
 QUEUED = Gauge("captions_scheduler_queued", "Jobs waiting for a worker", ["kind"])
 BUSY = Gauge("captions_scheduler_busy_workers", "Workers running a job")
+WORKERS = Gauge("captions_scheduler_workers", "Recognition workers (the most jobs run at once)")
+BUSY_SECONDS = Counter(
+    "captions_scheduler_busy_seconds_total", "Worker time spent running jobs (capacity used)"
+)
+for _kind in ("final", "interim"):
+    for _outcome in ("done", "superseded", "stale", "cancelled", "error"):
+        JOBS.labels(_kind, _outcome)  # export zeros: dropped-interim rates work from the start
 
 
 class Superseded(Exception):
@@ -54,6 +61,7 @@ class Scheduler:
         if workers < 1:
             raise ValueError("workers must be at least 1")
         self.workers = workers
+        WORKERS.set(workers)
         self.interim_max_wait = interim_max_wait
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="recognise")
         self._finals: deque[_Job] = deque()
@@ -165,6 +173,7 @@ class Scheduler:
                 continue
             QUEUE_WAIT.labels(job.kind).observe(time.monotonic() - job.enqueued)
             BUSY.inc()
+            t_run = time.monotonic()
             self._running.add(job)
             try:
                 result = await loop.run_in_executor(self._pool, job.fn)
@@ -179,3 +188,4 @@ class Scheduler:
             finally:
                 self._running.discard(job)
                 BUSY.dec()
+                BUSY_SECONDS.inc(time.monotonic() - t_run)

@@ -7,9 +7,35 @@ conference carries every audio source: ``start`` names a source (its tag,
 e.g. ``abcd1234-a0``, and the endpoint id), ``media`` carries base64 Opus
 with the RTP sequence number (``chunk``) and timestamp as strings, the
 sender's ``vad`` flag and ``audioLevel``; the bridge pings every 10 s and
-reconnects when no pong comes within 3 s. Captions go back on the same
+reconnects when no pong comes within 3 s. Captions may go back on the same
 socket as ``transcription-result`` messages, which the bridge relays to the
-participants as endpoint messages from "transcriber".
+participants as endpoint messages from "transcriber" (jvb ``Conference``,
+``ExporterEventHandlerImpl.handleTranscriptionResult``): this is the room's
+``videobridge`` carrier, used only when the transcriber occupant is not in
+the room (see :mod:`sidecar.rooms`); otherwise the socket carries no
+captions, or every caption would be shown twice.
+
+Forward compatibility: the event set grew three times in 2026, so an event
+this sidecar does not know is counted (``outcome="unknown_event"``) and
+ignored, never answered with a close (the bridge would reconnect in a loop).
+The fields follow jicoco ``MediaJson.kt`` and jvb ``MediaJsonSerializer.kt``:
+``sequenceNumber``, ``chunk``, ``timestamp`` and ``stop.mediaInfo``'s numbers
+are strings; ``ping.id``, ``audioLevel``, ``vad``, ``start.timestamp``,
+``stop.timestamp``, ``sampleRate`` and ``channels`` are JSON numbers (or
+booleans); ``mediaFormat.parameters`` is a map of strings (the payload type's
+fmtp, e.g. ``useinbandfec``), ``start.diarize`` is ``true`` or absent;
+``sources`` (sent only when non-empty) lists the source names the bridge
+exports and the ones it asks back (translated audio, which this sidecar
+does not make).
+
+Jicofo appends a room's metadata ``transcription.urlParams`` to the URL
+(``ColibriV2SessionManager.buildTranscriberSpec``, form-encoded) and sends
+``transcription.httpHeaders`` as headers on the upgrade (merged over
+``jicofo.transcription.http-headers``, ``TranscriptionConfig.
+processTranscriptionMetadata``). Honoured here: ``room`` (the internal room
+JID, e.g. ``[tenant]room@conference.example.org``: the socket belongs to that
+room at once, no meeting-id mapping needed), ``language`` (or ``lang``: the
+room's language for this session) and the ``Authorization: Bearer`` header.
 
 After a reconnect the bridge sends ``start`` again for each source; ``chunk``
 is the extended RTP sequence number, so the speaker's stream goes on where it
@@ -31,17 +57,18 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeGuard
 
 from aiohttp import WSCloseCode, WSMsgType, web
 from prometheus_client import Counter, Gauge
 
+from sidecar.config import RoomSettings, SettingError
 from sidecar.counters import batched
 from sidecar.errors import ServiceError
 from sidecar.events import Caption, Frame
 from sidecar.ingest.common import CloseConnection, TokenBucket
 from sidecar.jitsi import caption_json
-from sidecar.rooms import Room, RoomManager, canonical_room, valid_participant
+from sidecar.rooms import Carrier, Room, RoomManager, canonical_room, valid_participant
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +103,8 @@ _KNOWN = {
     "transcription-result",
 }
 _NUMBER = (int, float)
+# events counted under their own name; anything else is "unknown_event"
+_COUNTED = {"info", "pong", "transcription-result"}
 BACKLOG_MAX_AGE = 30.0  # seconds a final waits for a reconnecting bridge
 CLOSE_POLICY = 1008
 CLOSE_INVALID = 1007
@@ -88,6 +117,12 @@ class _Connection:
         self.ws = ws
         self.room = room
         self.sources: dict[str, str | None] = {}  # tag -> endpoint id (None: not Opus)
+        # tag -> factor from the source's clock to the 48 kHz ticks of a Frame
+        self.clock: dict[str, float] = {}
+        self.formats: dict[str, dict[str, Any]] = {}  # tag -> mediaFormat, as sent
+        self.exports: list[str] = []  # from "sources": what the bridge exports
+        self.language: str | None = None  # from the URL's language parameter
+        self.warned: set[str] = set()
         self.bucket = TokenBucket(endpoint.max_messages_per_second)
         self.send_queue: asyncio.Queue[str] = asyncio.Queue(maxsize=1000)
         self.sender: asyncio.Task[None] | None = None
@@ -97,6 +132,12 @@ class _Connection:
         # mapped it yet (a bridge reconnecting to a restarted sidecar)
         self.provisional = False
         self.next_check = 0.0
+
+    def warn_once(self, key: str, message: str, *args: object) -> None:
+        # one line per problem per socket: a newer bridge must not flood the log
+        if key not in self.warned and len(self.warned) < 32:
+            self.warned.add(key)
+            log.warning("mediajson: room %s: " + message, self.room, *args)
 
     def send(self, c: Caption) -> None:
         try:
@@ -140,13 +181,13 @@ class MediaJsonEndpoint:
         self.closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         rooms.on_change.append(self._room_changed)
-        self._sinks: dict[str, Callable[[Caption], None]] = {}
+        self._carriers: dict[str, Carrier] = {}
 
     def _room_changed(self, room: Room, what: str) -> None:
         # finals kept for a reconnecting bridge never outlive their meeting
         if what == "end" or not room.active:
             self._backlog.pop(room.name, None)
-            self._sinks.pop(room.name, None)
+            self._carriers.pop(room.name, None)
 
     def add_routes(self, app: web.Application, path: str) -> None:
         app.router.add_get(path + "/{meeting_id}", self.handle)
@@ -160,6 +201,10 @@ class MediaJsonEndpoint:
     def _authorised(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")
         presented = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if not header:
+            # Jicofo before jicofo.transcription.http-headers (December 2025)
+            # cannot send a header: the token may ride in the url-template
+            presented = request.query.get("token", "")
         return bool(presented) and hmac.compare_digest(presented.encode(), self._token)
 
     async def _room_for(self, request: web.Request, meeting_id: str) -> tuple[str, bool]:
@@ -199,6 +244,7 @@ class MediaJsonEndpoint:
         conn = _Connection(self, ws, room)
         conn.meeting_id = meeting_id
         conn.provisional = provisional
+        settings = self._url_settings(conn, request)
         if self.auto_start:
             # each kind on its own: a room with captions disabled still gets
             # its transcript, and the other way round
@@ -208,6 +254,7 @@ class MediaJsonEndpoint:
                     await self.rooms.start(
                         room,
                         kind,
+                        settings,
                         requested_by="videobridge",
                         # a stand-in must not claim the meeting: its real
                         # room's start call is what maps it
@@ -257,6 +304,21 @@ class MediaJsonEndpoint:
                 await ws.close()
         return ws
 
+    @staticmethod
+    def _url_settings(conn: _Connection, request: web.Request) -> RoomSettings | None:
+        """The room settings the URL's parameters (metadata urlParams) give."""
+        lang = request.query.get("language") or request.query.get("lang")
+        if not lang:
+            return None
+        try:
+            settings = RoomSettings(language=lang).validate()
+        except SettingError as e:
+            MESSAGES.labels("bad_url_parameter").inc()
+            conn.warn_once("language", "ignoring the URL's language: %s", e.message)
+            return None
+        conn.language = settings.language
+        return settings
+
     async def _remapped(self, conn: _Connection) -> bool:
         """The meeting's real room became known: send the bridge there.
 
@@ -290,21 +352,25 @@ class MediaJsonEndpoint:
                 await self.rooms.end_room(name)
 
     def _attach(self, r: Room) -> None:
-        """One sink per room: captions go to the room's newest socket only,
-        so a reconnecting bridge never gets (and relays) a caption twice."""
-        if r.name in self._sinks and self._sinks[r.name] in r.sinks:
+        """The room's ``videobridge`` carrier: a caption the room sends this
+        way goes to its newest socket only, so a reconnecting bridge never
+        gets (and relays) a caption twice. Finals made while the bridge is
+        away wait for its return; only captions that took this carrier do,
+        so a reconnect never replays what went out through the MUC."""
+        if r.carriers.get("videobridge") is self._carriers.get(r.name) is not None:
             return
         name = r.name
 
-        def sink(c: Caption) -> None:
+        def send(c: Caption) -> None:
             conn = self.latest.get(name)
             if conn is not None:
                 conn.send(c)
             elif not c.is_interim:
                 self._backlog.setdefault(name, deque(maxlen=100)).append((time.monotonic(), c))
 
-        self._sinks[name] = sink
-        r.sinks.append(sink)
+        carrier = Carrier("videobridge", ready=lambda: True, send=send)
+        self._carriers[name] = carrier
+        r.carriers["videobridge"] = carrier
 
     @staticmethod
     async def _flush(conn: _Connection) -> None:
@@ -360,9 +426,12 @@ class MediaJsonEndpoint:
             )
         event = msg["event"]
         if event not in _KNOWN:
-            raise CloseConnection(
-                CLOSE_UNSUPPORTED, f"unknown event {event[:40]!r}", "unknown_event"
+            # a newer bridge: count it (bounded label) and go on
+            MESSAGES.labels("unknown_event").inc()
+            conn.warn_once(
+                "event:" + event[:40], "ignoring the unknown event %r (a newer bridge?)", event[:40]
             )
+            return None
         if event == "media":
             self._media(conn, msg.get("media"))
             return None
@@ -385,6 +454,8 @@ class MediaJsonEndpoint:
                 task = asyncio.create_task(self.rooms.finish_speaker(conn.room, pid))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+        elif event == "sources":
+            self._sources(conn, msg)
         elif event == "session-end":
             MESSAGES.labels("session_end").inc()
             conn.ended = True
@@ -395,12 +466,37 @@ class MediaJsonEndpoint:
         else:
             if event == "info":
                 log.info(
-                    "mediajson: %s %s in room %s",
-                    msg.get("application"),
-                    msg.get("version"),
+                    "mediajson: %s %s%s in room %s",
+                    str(msg.get("application"))[:64],
+                    str(msg.get("version"))[:64],
+                    f" (region {str(msg['region'])[:64]})" if "region" in msg else "",
                     conn.room,
                 )
-            MESSAGES.labels(event.replace("-", "_")).inc()
+            MESSAGES.labels(event.replace("-", "_") if event in _COUNTED else "other").inc()
+
+    @staticmethod
+    def _sources(conn: _Connection, msg: dict[str, Any]) -> None:
+        """``{"exports": [names], "requests": [names]}`` (jicoco ``SourcesEvent``)."""
+        exports, requests = msg.get("exports"), msg.get("requests")
+        if not _strings(exports) or not _strings(requests):
+            MESSAGES.labels("bad_sources").inc()
+            conn.warn_once("sources", "a sources event without lists of source names; ignored")
+            return
+        MESSAGES.labels("sources").inc()
+        conn.exports = list(exports[:1000])
+        log.info(
+            "mediajson: room %s: the bridge exports %d source(s)%s",
+            conn.room,
+            len(exports),
+            f" and asks for {len(requests)} back" if requests else "",
+        )
+        if requests:
+            conn.warn_once(
+                "requests",
+                "the bridge asks for %d source(s) back (translated audio); this sidecar "
+                "sends captions only",
+                len(requests),
+            )
 
     def _start(self, conn: _Connection, body: Any) -> None:
         if not isinstance(body, dict) or not isinstance(body.get("tag"), str):
@@ -410,7 +506,8 @@ class MediaJsonEndpoint:
             raise CloseConnection(
                 CLOSE_INVALID, "source tag longer than 128 characters", "malformed"
             )
-        fmt = body.get("mediaFormat") or {}
+        fmt = body.get("mediaFormat")
+        fmt = fmt if isinstance(fmt, dict) else {}
         params = body.get("customParameters") or {}
         endpoint = params.get("endpointId") if isinstance(params, dict) else None
         if not isinstance(endpoint, str) or not endpoint:
@@ -420,14 +517,55 @@ class MediaJsonEndpoint:
             MESSAGES.labels("bad_endpoint").inc()
             conn.sources[tag] = None
             return
-        encoding = str(fmt.get("encoding", "opus")).lower() if isinstance(fmt, dict) else "?"
+        encoding = str(fmt.get("encoding", "opus")).lower()
         if encoding != "opus":
             MESSAGES.labels("unsupported_encoding").inc()
-            log.warning("mediajson: source %s is %r, not Opus; ignored", tag, encoding)
+            conn.warn_once(
+                "enc:" + encoding[:20], "source %s is %r, not Opus; ignored", tag, encoding
+            )
             conn.sources[tag] = None
             return
         if len(conn.sources) >= 4 * self.rooms.max_speakers and tag not in conn.sources:
             raise CloseConnection(CLOSE_POLICY, "too many sources", "too_many_sources")
+        # sampleRate is the RTP clock (48000 for Opus, RFC 7587); a Frame's
+        # timestamp is in 48 kHz ticks
+        rate = fmt.get("sampleRate", 48000)
+        if type(rate) not in _NUMBER or not 8000 <= rate <= 192000:
+            MESSAGES.labels("bad_media_format").inc()
+            conn.warn_once(
+                "rate", "source %s: sampleRate %r is not a clock rate; 48000 assumed", tag, rate
+            )
+            rate = 48000
+        if rate != 48000:
+            conn.clock[tag] = 48000 / rate
+        else:
+            conn.clock.pop(tag, None)
+        parameters = fmt.get("parameters")
+        if parameters is not None and not (
+            isinstance(parameters, dict) and all(isinstance(v, str) for v in parameters.values())
+        ):
+            MESSAGES.labels("bad_media_format").inc()
+            conn.warn_once(
+                "params", "source %s: mediaFormat.parameters is not a map of strings", tag
+            )
+            parameters = None
+        conn.formats[tag] = {
+            "encoding": encoding,
+            "sampleRate": rate,
+            "channels": fmt.get("channels"),
+            "parameters": dict(parameters or {}),
+        }
+        if body.get("diarize") is True:
+            # each endpoint's audio is its own stream here: one speaker per
+            # stream, named after the endpoint; nothing to separate further
+            MESSAGES.labels("start_diarize").inc()
+            conn.warn_once(
+                "diarize",
+                "diarization asked for (source %s): each endpoint is captioned as one speaker",
+                tag,
+            )
+        if conn.exports and tag not in conn.exports:
+            MESSAGES.labels("unannounced_source").inc()
         conn.sources[tag] = endpoint
         # every source sends 50 packets a second: the limit grows with the meeting
         conn.bucket.rate = max(self.max_messages_per_second, 75 * len(conn.sources))
@@ -447,6 +585,8 @@ class MediaJsonEndpoint:
         try:
             chunk = int(body.get("chunk", 0))
             ts = int(body.get("timestamp", 0))
+            if conn.clock and tag in conn.clock:
+                ts = int(ts * conn.clock[tag])
             payload = base64.b64decode(body.get("payload", ""), validate=True)
         except (ValueError, TypeError, binascii.Error):
             MESSAGES.labels("bad_media").inc()
@@ -462,3 +602,7 @@ class MediaJsonEndpoint:
         )
         ok = self.rooms.push_frame(conn.room, endpoint, frame)
         (_M_MEDIA if ok else _M_MEDIA_DROPPED).inc()
+
+
+def _strings(value: object) -> TypeGuard[list[str]]:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)

@@ -18,7 +18,7 @@ from prometheus_client import Counter
 
 from sidecar.asr.streaming import DecodingStream
 from sidecar.audio import DecodeError, OpusDecoder, opus_packet_samples
-from sidecar.counters import batched
+from sidecar.counters import BatchedCounter, batched
 from sidecar.events import Frame, new_message_id
 from sidecar.pipeline.jitter import Gap, ReorderBuffer
 from sidecar.pipeline.segmenter import (
@@ -49,6 +49,20 @@ _DROP_DUPLICATE = FRAMES_DROPPED.labels("duplicate")
 _DROP_LATE = FRAMES_DROPPED.labels("late")
 _FRAMES_IN = batched(FRAMES_IN)
 _FRAMES_GATED = batched(FRAMES_GATED)
+AUDIO_IN = Counter(
+    "captions_audio_received_seconds_total",
+    "Seconds of participant audio played out of the reorder buffer (gated silence included)",
+    ["provider"],
+)
+_AUDIO_IN: dict[str, BatchedCounter] = {}
+
+
+def _audio_in(provider: str) -> BatchedCounter:
+    c = _AUDIO_IN.get(provider)
+    if c is None:
+        c = _AUDIO_IN[provider] = batched(AUDIO_IN.labels(provider))
+    return c
+
 
 SR = 16000
 TICKS_PER_SAMPLE = 3  # 48 kHz RTP clock / 16 kHz
@@ -106,6 +120,7 @@ class SpeakerPipeline:
         self.last_arrival = time.monotonic()
         self.on_utterance_start = on_utterance_start
         self.frames = 0
+        self._audio_in = _audio_in(getattr(getattr(stream, "recognizer", None), "name", "none"))
 
     # -- time --------------------------------------------------------------
     def sample_to_epoch_ms(self, sample: int) -> int:
@@ -155,6 +170,7 @@ class SpeakerPipeline:
         frame = item
         if frame.pcm is not None:
             pcm = np.asarray(frame.pcm, dtype=np.float32).reshape(-1)
+            self._audio_in.inc(len(pcm) / SR)
             self._flush_gated(decode=True)
             self._audio(pcm)
             return
@@ -165,6 +181,7 @@ class SpeakerPipeline:
             self._silence(self._frame_samples)
             return
         self._frame_samples = samples
+        self._audio_in.inc(samples / SR)
         if self._is_silent(frame):
             _FRAMES_GATED.inc()
             if self.seg.in_speech:

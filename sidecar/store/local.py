@@ -34,6 +34,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+from prometheus_client import Counter, Histogram
+
 from sidecar.events import TranscriptEntry
 from sidecar.store.base import (
     FORMATS,
@@ -57,6 +59,12 @@ from sidecar.store.render import (
 __all__ = ["LocalDirStore", "LocalTranscriptWriter"]
 
 log = logging.getLogger(__name__)
+WRITE_SECONDS = Histogram(
+    "captions_transcript_write_seconds",
+    "Time to append and fsync one transcript line",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+WRITTEN_BYTES = Counter("captions_transcript_written_bytes_total", "Transcript bytes appended")
 
 _JSONL = "transcript.jsonl"
 _META = "meta.json"
@@ -326,6 +334,7 @@ class LocalTranscriptWriter(TranscriptWriter):
         with self._lock:
             if self._closed:
                 raise StoreError(f"transcript {self.id} is closed")
+            t0 = time.monotonic()
             try:
                 written = os.write(self._fd, line)
             except OSError as exc:
@@ -342,6 +351,8 @@ class LocalTranscriptWriter(TranscriptWriter):
             except OSError as exc:
                 raise StoreError(f"transcript {self.id}: could not sync: {exc}") from exc
             self.meta.entries += 1
+            WRITE_SECONDS.observe(time.monotonic() - t0)
+            WRITTEN_BYTES.inc(written)
 
     def _cut_back(self) -> None:
         # Without this, the next line would be glued to the fragment and both lost.

@@ -15,8 +15,15 @@ as Jigasi's transcriber does (jitsi-protocol.md sections 2 and 3):
 - optionally a plain-text chat line per final and a link to the transcript.
 
 After a connection loss it reconnects with backoff and rejoins every room it
-should be in. Jingle invitations from Jicofo are declined: audio comes from
-the videobridge export or another ingest, never through this session.
+should be in. A room that refuses the join (password-protected,
+members-only as Jitsi's lobby makes it, banned) is tried again with a
+capped back-off, its reason said once in the log and through
+``on_refused`` (the room status warning); the room password of the start
+call (the dial's ``JvbRoomPassword``) goes in the join presence. Meanwhile
+the room's captions take the videobridge carrier (:mod:`sidecar.rooms`).
+
+Jingle invitations from Jicofo are declined: audio comes from the
+videobridge export or another ingest, never through this session.
 """
 
 from __future__ import annotations
@@ -26,17 +33,20 @@ import contextlib
 import json
 import logging
 import secrets
+import ssl
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import slixmpp
 from prometheus_client import Counter, Gauge
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
+from sidecar.config import ConfigError
 from sidecar.events import Caption
 from sidecar.jitsi import caption_json
+from sidecar.xmpp.tls import TlsPolicy, explain, probe_certificate
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +62,21 @@ SENT = Counter("captions_xmpp_messages_total", "Stanzas sent to rooms", ["kind"]
 CONNECTED = Gauge("captions_xmpp_connected", "1 while the transcriber account is online")
 JOINED = Gauge("captions_xmpp_rooms_joined", "Rooms the transcriber occupant is in")
 RECONNECTS = Counter("captions_xmpp_reconnects_total", "Reconnections after a lost connection")
+REFUSED = Counter(
+    "captions_xmpp_join_refused_total", "Room joins refused, by condition", ["condition"]
+)
+_CONDITIONS = {
+    "not-authorized",
+    "registration-required",
+    "forbidden",
+    "service-unavailable",
+    "conflict",
+    "item-not-found",
+    "not-allowed",
+}
+TLS_REFUSED = Counter(
+    "captions_xmpp_tls_refused_total", "XMPP server certificates refused by the TLS policy"
+)
 JINGLE_DECLINED = Counter("captions_xmpp_jingle_declined_total", "Jingle invitations declined")
 
 
@@ -65,6 +90,9 @@ class TranscriberOptions:
     starttls: bool = True  # False only for a server on loopback
     send_text: bool = False  # Jigasi's SEND_TXT: finals as plain chat lines too
     advertise_url: str = ""  # template with {room} and {transcript_id}; "" = off
+    tls: TlsPolicy = TlsPolicy()  # how the server's certificate is trusted
+    rejoin_base_s: float = 2.0  # first wait after a refused join, doubled each time
+    rejoin_max_s: float = 300.0  # the longest wait between two tries
 
 
 @dataclass
@@ -75,6 +103,11 @@ class _RoomState:
     transcript_id: str = ""
     advertised: bool = False
     attempts: int = 0
+    password: str = ""
+    occupants: set[str] = field(default_factory=set)  # MUC resources seen in the room
+    notices: list[tuple[str, str]] = field(default_factory=list)  # (to, text) until joined
+    refused: str = ""  # the condition of the last refusal, logged once
+    retry: asyncio.TimerHandle | None = None
 
 
 class TranscriberOccupant:
@@ -89,6 +122,12 @@ class TranscriberOccupant:
         self._backoff = 1.0
         self._reconnect_task: asyncio.Task[None] | None = None
         self.on_joined: list[Callable[[str], None]] = []
+        # (room, reason) when a join is refused, in words an operator can act on
+        self.on_refused: list[Callable[[str, str], None]] = []
+        # the server's certificate was refused: no retry, the reason in words
+        self.tls_error = ""
+        self._tls_pending = False  # a refused handshake is being explained
+        self._tls_failed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- connection --------------------------------------------------------
@@ -98,6 +137,10 @@ class TranscriberOccupant:
         c.register_plugin("xep_0199", {"keepalive": True, "interval": 30, "timeout": 10})
         c.enable_starttls = self.options.starttls
         c.enable_direct_tls = False
+        if self.options.starttls:
+            c.ssl_context = self.options.tls.context()
+            c.add_event_handler("ssl_cert", self._check_cert)
+            c.add_event_handler("ssl_invalid_chain", self._invalid_chain)
         if not self.options.starttls:
             # plain TCP is only for a server on the same host (tests, loopback)
             c.enable_plaintext = True
@@ -123,10 +166,20 @@ class TranscriberOccupant:
 
     async def start(self, wait_s: float = 15.0) -> None:
         """Connect; waits up to ``wait_s`` for the session, then goes on
-        trying in the background (the sidecar serves without XMPP meanwhile)."""
+        trying in the background (the sidecar serves without XMPP meanwhile).
+
+        Raises :class:`ConfigError` when the server's certificate is refused:
+        that needs an option set (``xmpp.ca_file``, ``xmpp.pinned_cert_sha256``,
+        ``xmpp.tls_server_name``), not retries."""
         self._connect()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._online.wait(), wait_s)
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._online, self._tls_failed)]
+        try:
+            await asyncio.wait(waits, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if self.tls_error:
+            raise ConfigError(self._server(), "", self.tls_error)
         if not self._online.is_set():
             log.warning("xmpp: not online after %.0f s; will keep trying", wait_s)
 
@@ -135,6 +188,42 @@ class TranscriberOccupant:
             self.client.connect(self.options.host, self.options.port)
         else:
             self.client.connect()
+
+    def _server(self) -> str:
+        where = f"{self.options.host}:{self.options.port}" if self.options.host else ""
+        return f"the XMPP connection to {where or slixmpp.JID(self.options.jid).domain}"
+
+    def _check_cert(self, pem: str) -> None:
+        """After the handshake: the pin and the name, where configured."""
+        der = ssl.PEM_cert_to_DER_cert(pem)
+        transport = self.client.transport
+        peercert = transport.get_extra_info("peercert") if transport is not None else None
+        problem = self.options.tls.check(der, peercert or None, self.client.boundjid.domain)
+        if problem is not None:
+            self._fail_tls(problem)
+
+    def _invalid_chain(self, error: BaseException) -> None:
+        """The handshake failed verification: find out why, in words."""
+        domain = slixmpp.JID(self.options.jid).domain
+        self.client.abort()
+        self._tls_pending = True
+
+        async def explain_it() -> None:
+            host = self.options.host or domain
+            probed = await probe_certificate(host, self.options.port, domain)
+            self._fail_tls(explain(error, self.options.tls.server_name or domain, probed))
+
+        task = asyncio.get_running_loop().create_task(explain_it())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _fail_tls(self, message: str) -> None:
+        if not self.tls_error:
+            log.error("xmpp: %s", message)
+        self.tls_error = message
+        TLS_REFUSED.inc()
+        self._tls_failed.set()
+        self.client.abort()
 
     @property
     def online(self) -> bool:
@@ -161,15 +250,26 @@ class TranscriberOccupant:
             state.joined = False
         if self._closing:
             return
+        if self._reconnect_task is not None and not self._reconnect_task.done():
+            return
+        self._reconnect_task = asyncio.get_running_loop().create_task(self._later())
+
+    def _tls_refused(self) -> bool:
+        # a refused certificate needs an option set, not retries
+        return bool(self.tls_error) or self._tls_pending
+
+    async def _later(self) -> None:
+        # a failed TLS handshake loses the connection before slixmpp reports
+        # the verification error: give it a moment to tell the two apart
+        await asyncio.sleep(0.2)
+        if self._closing or self._tls_refused():
+            return
         delay = self._backoff
         self._backoff = min(30.0, self._backoff * 2)
         log.warning("xmpp: connection lost; reconnecting in %.0f s", delay)
         RECONNECTS.inc()
-        self._reconnect_task = asyncio.get_running_loop().create_task(self._later(delay))
-
-    async def _later(self, delay: float) -> None:
         await asyncio.sleep(delay)
-        if not self._closing:
+        if not self._closing and not self._tls_refused():
             self._connect()
 
     async def close(self) -> None:
@@ -181,26 +281,42 @@ class TranscriberOccupant:
             self._reconnect_task.cancel()
         for t in list(self._tasks):
             t.cancel()
+        for state in self.rooms.values():
+            if state.retry is not None:
+                state.retry.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.client.disconnect(), 5)
         CONNECTED.set(0)
 
     # -- rooms -------------------------------------------------------------
-    def join(self, room: str, transcript_id: str = "") -> None:
+    def join(self, room: str, transcript_id: str = "", password: str = "") -> None:
         if room in self.rooms:
             state = self.rooms[room]
             state.transcript_id = transcript_id or state.transcript_id
             if state.joined:
                 self._advertise(state)  # transcription may start after captions
+            elif password and password != state.password:
+                # a new password for a room that refused us: try it now
+                state.password = password
+                if state.retry is not None:
+                    state.retry.cancel()
+                    state.retry = None
+                if self.online:
+                    state.resource = secrets.token_hex(4)
+                    self._send_presence(state, "ON")
             return
         # the MUC resource is the occupant's endpoint id, as Jitsi clients use
-        state = _RoomState(room, secrets.token_hex(4), transcript_id=transcript_id)
+        state = _RoomState(
+            room, secrets.token_hex(4), transcript_id=transcript_id, password=password
+        )
         self.rooms[room] = state
         if self.online:
             self._send_presence(state, "ON")
 
     def leave(self, room: str) -> None:
         state = self.rooms.pop(room, None)
+        if state is not None and state.retry is not None:
+            state.retry.cancel()
         if state is None or not self.online:
             return
         # OFF first, or the UI shows "transcribing failed"
@@ -213,7 +329,10 @@ class TranscriberOccupant:
         if unavailable:
             pres["type"] = "unavailable"
         else:
-            pres.append(ET.Element(f"{{{MUC}}}x"))
+            x = ET.Element(f"{{{MUC}}}x")
+            if state.password and not state.joined:
+                ET.SubElement(x, f"{{{MUC}}}password").text = state.password
+            pres.append(x)
         feats = ET.Element(f"{{{JITMEET}}}features")
         for var in (FEATURE_JIGASI, FEATURE_TRANSCRIBER):
             f = ET.SubElement(feats, f"{{{JITMEET}}}feature")
@@ -233,12 +352,19 @@ class TranscriberOccupant:
     def _presence(self, pres: slixmpp.Presence) -> None:
         room = pres["from"].bare
         state = self.rooms.get(room)
-        if state is None or pres["from"].resource != state.resource:
+        if state is None:
+            return
+        resource = pres["from"].resource
+        if resource != state.resource:
+            # someone else: whom a private notice can reach
+            if pres["type"] == "unavailable":
+                state.occupants.discard(resource)
+            elif pres["type"] != "error" and resource and len(state.occupants) < 10000:
+                state.occupants.add(resource)
             return
         if pres["type"] == "error":
-            log.error("xmpp: cannot join %s: %s", room, pres["error"]["condition"])
             state.joined = False
-            self._retry_join(state)
+            self._refused(state, pres["error"]["condition"] or "undefined-condition")
             return
         if pres["type"] == "unavailable":
             # kicked, or the room went away under us, while the room still
@@ -246,33 +372,74 @@ class TranscriberOccupant:
             if state.joined:
                 log.warning("xmpp: removed from %s; rejoining", room)
             state.joined = False
+            state.occupants.clear()
             JOINED.set(sum(1 for s in self.rooms.values() if s.joined))
             self._retry_join(state)
             return
         if not state.joined:
             state.joined = True
             state.attempts = 0
+            if state.refused:
+                log.info("xmpp: joined %s after it had refused the join", room)
+            state.refused = ""
             JOINED.set(sum(1 for s in self.rooms.values() if s.joined))
             log.info("xmpp: joined %s as %s", room, state.resource)
             self._advertise(state)
+            notices, state.notices = state.notices, []
+            for to, text in notices:
+                self._notice(state, to, text)
             for cb in self.on_joined:
                 cb(room)
+
+    def _refused(self, state: _RoomState, condition: str) -> None:
+        reason = self.refusal_reason(state.room, condition, bool(state.password))
+        REFUSED.labels(condition if condition in _CONDITIONS else "other").inc()
+        if state.refused != condition:
+            # once per kind of refusal, not once per try
+            log.error("xmpp: cannot join %s: %s", state.room, reason)
+            state.refused = condition
+            for cb in self.on_refused:
+                cb(state.room, reason)
+        self._retry_join(state)
+
+    def refusal_reason(self, room: str, condition: str, had_password: bool) -> str:
+        """Why a join was refused, and what to set, in an operator's words."""
+        me = slixmpp.JID(self.options.jid)
+        if condition == "not-authorized":
+            told = "a wrong password" if had_password else "no password"
+            return (
+                f"the room {room} is password-protected and the transcriber is not "
+                f'whitelisted (the start call brought {told}): add "{me.bare}" to '
+                "muc_password_whitelist on the conference component, or let the dial carry "
+                "JvbRoomPassword"
+            )
+        if condition == "registration-required":
+            return (
+                f"the room {room} is members-only (lobby) and the transcriber is not "
+                f'whitelisted: add "{me.domain}" to muc_lobby_whitelist (docker-jitsi-meet '
+                "does with ENABLE_TRANSCRIPTIONS)"
+            )
+        if condition == "forbidden":
+            return f"the transcriber {me.bare} is banned from the room {room}"
+        if condition == "service-unavailable":
+            return f"the room {room} is full or does not accept the transcriber"
+        return f"the room {room} refused the transcriber's join ({condition})"
 
     def _retry_join(self, state: _RoomState) -> None:
         if self._closing:
             return
         state.attempts += 1
-        delay = min(60.0, 2.0 ** min(state.attempts, 6))
+        delay = rejoin_delay(self.options, state.attempts)
+        if state.retry is not None:
+            state.retry.cancel()
 
-        async def later() -> None:
-            await asyncio.sleep(delay)
+        def again() -> None:
+            state.retry = None
             if self.rooms.get(state.room) is state and not state.joined and self.online:
                 state.resource = secrets.token_hex(4)  # a fresh nick avoids a conflict
                 self._send_presence(state, "ON")
 
-        task = asyncio.get_running_loop().create_task(later())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        state.retry = asyncio.get_running_loop().call_later(delay, again)
 
     def _advertise(self, state: _RoomState) -> None:
         if not self.options.advertise_url or state.advertised or not state.transcript_id:
@@ -281,6 +448,40 @@ class TranscriberOccupant:
         self._groupchat(state.room, body=f"The transcript of this meeting will be at {url}")
         state.advertised = True
         SENT.labels("advertise").inc()
+
+    def joined(self, room: str) -> bool:
+        """Whether the occupant is in ``room`` now (the room's ``muc`` carrier
+        can send)."""
+        state = self.rooms.get(room)
+        return state is not None and state.joined and self.online
+
+    def notify(self, room: str, text: str, to: str = "") -> None:
+        """One plain-text line for the room's people: to the occupant ``to``
+        (an endpoint id: a private MUC message) when it is in the room, else
+        to the whole room. Sent when the occupant is in; kept until then."""
+        state = self.rooms.get(room)
+        if state is None:
+            return
+        if state.joined and self.online:
+            self._notice(state, to, text)
+        elif len(state.notices) < 8:
+            state.notices.append((to, text))
+
+    def withdraw(self, room: str, text: str) -> None:
+        """Drop a notice still waiting for the join."""
+        state = self.rooms.get(room)
+        if state is not None:
+            state.notices = [n for n in state.notices if n[1] != text]
+
+    def _notice(self, state: _RoomState, to: str, text: str) -> None:
+        if to and to in state.occupants:
+            msg = self.client.make_message(mto=f"{state.room}/{to}", mtype="chat", mbody=text)
+            msg.append(ET.Element(f"{{{MUC_USER}}}x"))  # a private message in the MUC
+            msg.send()
+            SENT.labels("notice_private").inc()
+        else:
+            self._groupchat(state.room, body=text)
+            SENT.labels("notice").inc()
 
     # -- captions ----------------------------------------------------------
     def send_caption(self, c: Caption) -> None:
@@ -327,6 +528,12 @@ class TranscriberOccupant:
         text = ET.SubElement(reason, f"{{{JINGLE}}}text")
         text.text = "audio for transcription comes from the videobridge export"
         term.send()
+
+
+def rejoin_delay(options: TranscriberOptions, attempt: int) -> float:
+    """Seconds before try ``attempt`` (1, 2, ...) of a refused join: doubling
+    from ``rejoin_base_s``, never more than ``rejoin_max_s``."""
+    return float(min(options.rejoin_max_s, options.rejoin_base_s * 2.0 ** min(attempt - 1, 30)))
 
 
 def _reparent(el: ET.Element, ns: str) -> ET.Element:

@@ -189,6 +189,7 @@ class StartRequest(_message.Message):
     REQUESTED_BY_FIELD_NUMBER: _builtins.int
     TRIGGER_FIELD_NUMBER: _builtins.int
     MEETING_ID_FIELD_NUMBER: _builtins.int
+    ROOM_PASSWORD_FIELD_NUMBER: _builtins.int
     room: _builtins.str
     """ROOM@conference.HOST or a bare room name"""
     requested_by: _builtins.str
@@ -198,6 +199,11 @@ class StartRequest(_message.Message):
     meeting_id: _builtins.str
     """Jitsi's meeting id (the {{MEETING_ID}} of Jicofo's transcription
     url-template), so the videobridge's audio finds its room
+    """
+    room_password: _builtins.str
+    """The room's password (lib-jitsi-meet's dial header JvbRoomPassword), so
+    the transcriber occupant can join a locked room. Never logged, never in
+    a status.
     """
     @_builtins.property
     def settings(self) -> Global___Settings:
@@ -211,10 +217,11 @@ class StartRequest(_message.Message):
         requested_by: _builtins.str = ...,
         trigger: Global___Trigger.ValueType = ...,
         meeting_id: _builtins.str = ...,
+        room_password: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["meeting_id", b"meeting_id", "requested_by", b"requested_by", "room", b"room", "settings", b"settings", "trigger", b"trigger"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["meeting_id", b"meeting_id", "requested_by", b"requested_by", "room", b"room", "room_password", b"room_password", "settings", b"settings", "trigger", b"trigger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -366,6 +373,8 @@ class RoomStatus(_message.Message):
     ACTIVE_SPEAKERS_FIELD_NUMBER: _builtins.int
     CAPTIONS_SENT_FIELD_NUMBER: _builtins.int
     TRIGGER_FIELD_NUMBER: _builtins.int
+    WARNING_FIELD_NUMBER: _builtins.int
+    CAPTION_CARRIER_FIELD_NUMBER: _builtins.int
     room: _builtins.str
     transcribing: _builtins.bool
     captioning: _builtins.bool
@@ -375,6 +384,17 @@ class RoomStatus(_message.Message):
     active_speakers: _builtins.int
     captions_sent: _builtins.int
     trigger: Global___Trigger.ValueType
+    warning: _builtins.str
+    """What an operator should know and act on, in words; empty when all is
+    well. E.g. no audio arrived within ingest.no_audio_warning_s of the start,
+    or the transcriber occupant's join was refused.
+    """
+    caption_carrier: _builtins.str
+    """How this room's captions reach the participants: "muc" (the transcriber
+    occupant's json-message), "videobridge" (answers on the export socket,
+    relayed by the bridge as EndpointMessage), or "" (no carrier: captions
+    only reach SubscribeCaptions). Each caption goes out on exactly one.
+    """
     @_builtins.property
     def effective(self) -> Global___Settings:
         """fully resolved settings"""
@@ -391,10 +411,12 @@ class RoomStatus(_message.Message):
         active_speakers: _builtins.int = ...,
         captions_sent: _builtins.int = ...,
         trigger: Global___Trigger.ValueType = ...,
+        warning: _builtins.str = ...,
+        caption_carrier: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["effective", b"effective"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_speakers", b"active_speakers", "captioning", b"captioning", "captions_sent", b"captions_sent", "effective", b"effective", "participants", b"participants", "room", b"room", "transcribing", b"transcribing", "transcript_id", b"transcript_id", "trigger", b"trigger"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_speakers", b"active_speakers", "caption_carrier", b"caption_carrier", "captioning", b"captioning", "captions_sent", b"captions_sent", "effective", b"effective", "participants", b"participants", "room", b"room", "transcribing", b"transcribing", "transcript_id", b"transcript_id", "trigger", b"trigger", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
