@@ -35,8 +35,11 @@ class Providers:
     by_name: dict[str, StreamProvider] = field(default_factory=dict)
     members: dict[str, StreamProvider] = field(default_factory=dict)
 
-    async def start(self) -> None:
-        for p in self.members.values():
+    async def start(self, *, preload_whisper: bool = True) -> None:
+        """Connect / check credentials; Whisper's start loads its model."""
+        for name, p in self.members.items():
+            if name == "whisper" and not preload_whisper:
+                continue
             await p.start()
 
     async def aclose(self) -> None:
@@ -50,6 +53,21 @@ def configured(
 ) -> bool:
     prefix = f"CAPTIONS_{name.upper()}_"
     return name in sections or any(k.startswith(prefix) for k in env)
+
+
+def from_config(
+    sections: Mapping[str, Mapping[str, Any]],
+    env: Mapping[str, str],
+    recognizer: Any,
+) -> Providers:
+    """The deployment's providers; a bad setting is a :class:`ConfigError`
+    naming it, as for every other part of the configuration."""
+    from sidecar.config import ConfigError
+
+    try:
+        return build_providers(sections, env=env, recognizer=recognizer)
+    except ProviderConfigError as e:
+        raise ConfigError("configuration", "", str(e)) from e
 
 
 def build_providers(
