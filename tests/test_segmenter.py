@@ -161,6 +161,15 @@ def test_end_after_silence_ms_keeps_speech_plus_post_pad() -> None:
     assert all(not isinstance(e, Audio) for e in f.feed(SILENT))
 
 
+def test_end_says_how_long_the_vad_was_sure_of_speech() -> None:
+    f = Feeder()
+    f.run([SILENT] * 3)
+    # 2 onset windows, then 8 sure and 4 unsure (above neg_threshold, below threshold)
+    f.run([VOICED] * 10 + [0.4] * 4)
+    (_, end), *_ = only(f.run([SILENT] * 30), End)
+    assert end.voiced_ms == 10 * WINDOW_MS
+
+
 def test_keep_samples_never_exceeds_the_utterance() -> None:
     cfg = SegmenterConfig(post_pad_ms=5000, silence_ms=320)
     f = Feeder(cfg)

@@ -34,7 +34,11 @@ from sidecar.sim.conference import (
     UtteranceResult,
     _assign,
     _edits,
+    _Media,
+    _report,
     _Source,
+    _Timeline,
+    _Truth,
     frame_level,
     rtp_packet,
     run_conference,
@@ -358,6 +362,62 @@ def test_finals_match_turns_in_order_with_splits_and_misses():
     turns[1].reference, turns[2].reference = "good morning", "see you soon"
     got = _assign(turns, [_final("x", 10.0), _final("y", 13.2), _final("see you soon", 19.0)])
     assert [r.index for r, _ in got] == [0, 0, 2]
+
+
+def _scored(truths: list[tuple[str, float, float]], finals: list[tuple[str, float]]) -> SimReport:
+    """The simulator's report for one speaker's utterances and the finals it got."""
+    import types
+
+    media = _Media(
+        sources=[types.SimpleNamespace(endpoint="ep", name="A", kind="espeak", ssrc=1)],  # type: ignore[list-item]
+        truths=[_Truth("ep", "A", text, start, end) for text, start, end in truths],
+        frames=1000,
+        reference_by_name={"A": " ".join(t for t, _, _ in truths)},
+    )
+    timeline = _Timeline(mono=[i * 0.02 for i in range(1000)], wall0=0.0)  # audio time == clock
+    caps = [
+        ReceivedCaption("ep", "A", text, False, f"id-{t}", 1.0, 0, t, t, t=t) for text, t in finals
+    ]
+    cfg = types.SimpleNamespace(transport="mediajson", realtime=True)
+    return _report(cfg, media, caps, timeline)  # type: ignore[arg-type]
+
+
+def test_two_utterances_in_one_final_are_merged_not_credited_to_a_missed_one():
+    """A reply gets no caption; the next two utterances come as one final.
+    That final belongs to those two (merged), not to the reply, whose words
+    it happens to share: the reply is missed, and its 'latency' is not one."""
+    report = _scored(
+        [
+            ("the budget after lunch is fine", 0.5, 2.0),  # no caption
+            ("yes", 3.0, 3.3),
+            ("the budget after lunch then", 3.6, 5.0),
+            ("okay", 7.0, 7.3),
+        ],
+        [("Yes, the budget after lunch then.", 6.2), ("Okay.", 8.3)],
+    )
+    rows = report.utterances
+    assert [r.missed for r in rows] == [True, False, False, False]
+    assert [r.merged for r in rows] == [False, True, True, False]
+    assert (report.missed, report.merged, report.stray_finals) == (1, 2, 0)
+    assert rows[1].hypothesis == "yes" and rows[2].hypothesis == "the budget after lunch then"
+    assert rows[2].wer == 0.0
+    # the served-alone utterance's latency is the p95; the merged ones are apart
+    assert report.final_latency_p95 == pytest.approx(1.0)
+    assert [r.final_latency for r in rows[1:3]] == pytest.approx([2.9, 1.2])
+    assert report.merged_final_latency_p95 is not None and report.merged_final_latency_p95 > 2.5
+
+
+def test_a_cut_utterance_keeps_both_pieces_and_a_stray_final_is_counted():
+    report = _scored(
+        [("one two three four five six seven eight nine ten", 0.5, 9.0), ("right", 12.0, 12.4)],
+        [("One two three four five", 6.0), ("six seven eight nine ten", 9.8), ("right", 13.0)],
+    )
+    assert [r.hypothesis for r in report.utterances] == [
+        "One two three four five six seven eight nine ten",
+        "right",
+    ]
+    assert (report.missed, report.merged) == (0, 0)
+    assert report.utterances[0].final_latency == pytest.approx(0.8)
 
 
 def test_cli_arguments_make_a_config(tmp_path):

@@ -48,6 +48,10 @@ class FilterConfig:
     logprob_threshold: float = -1.0
     compression_ratio_threshold: float = 2.4
     min_logprob: float = -1.6  # below this, drop whatever the no-speech probability
+    # The VAD was sure of speech for this long: a phantom phrase ("okay",
+    # "thanks", "bye") is then a real short reply, dropped only when Whisper
+    # itself doubts it (no_speech_threshold and logprob_threshold).
+    reply_voiced_ms: int = 192
 
 
 def collapse_repeats(text: str, max_repeats: int = 2) -> str:
@@ -73,8 +77,19 @@ def collapse_repeats(text: str, max_repeats: int = 2) -> str:
     return " ".join(words)
 
 
-def clean(result: DecodeResult, *, speech_ms: int, cfg: FilterConfig | None = None) -> str:
-    """The text to show, or "" when the decode is judged not to be speech."""
+def clean(
+    result: DecodeResult,
+    *,
+    speech_ms: int,
+    cfg: FilterConfig | None = None,
+    voiced_ms: int | None = None,
+) -> str:
+    """The text to show, or "" when the decode is judged not to be speech.
+
+    ``voiced_ms``: how long the VAD was sure it heard speech in the audio, when
+    known (finals). Whisper's no-speech probability on a lone word is often
+    0.2-0.4 although the word is right; the VAD's verdict weighs more there.
+    """
     cfg = cfg or FilterConfig()
     text = result.text.strip()
     if not text or _NON_SPEECH.match(text):
@@ -93,9 +108,15 @@ def clean(result: DecodeResult, *, speech_ms: int, cfg: FilterConfig | None = No
     # "Thank you. Thank you." is the same phantom as "Thank you."
     key = " ".join(_WORDS.findall(collapse_repeats(text.lower(), 1).replace(".", "")))
     key = collapse_repeats(key, 1)
-    # a real "thank you" decodes confidently; the phantom one does not
-    if key in _PHANTOMS and (
-        speech_ms < 300 or result.no_speech_prob > 0.2 or result.avg_logprob < -0.7
-    ):
-        return ""
+    if key in _PHANTOMS:
+        if voiced_ms is not None and voiced_ms >= cfg.reply_voiced_ms:
+            # someone said it: keep it unless Whisper doubts it was speech
+            if (
+                result.no_speech_prob > cfg.no_speech_threshold
+                or result.avg_logprob < cfg.logprob_threshold
+            ):
+                return ""
+        # a real "thank you" decodes confidently; the phantom one does not
+        elif speech_ms < 300 or result.no_speech_prob > 0.2 or result.avg_logprob < -0.7:
+            return ""
     return text

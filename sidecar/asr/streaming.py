@@ -35,6 +35,11 @@ class StreamOptions:
     interim_results: bool = True
     first_interim_ms: int = 400  # speech needed before the first interim
     interim_step_ms: int = 400  # new audio needed between interims
+    # words of this speaker's previous finals given to the recogniser as the
+    # prompt (context across utterances); 0: none. Off by default: with
+    # tiny.en it gained 4-5 WER points on narrow-band conversation but lost
+    # 3 on read speech (docs/benchmarks.md, issue 8)
+    context_words: int = 0
 
 
 class _Utterance:
@@ -50,8 +55,10 @@ class _Utterance:
         self.interims_sent = 0
         self.prefinal: asyncio.Task[DecodeResult] | None = None
         self.prefinal_len = 0
+        self.prefinal_prompt = ""
         self.paused = False
         self.done = False
+        self.voiced_ms: int | None = None
 
     def push(self, audio: np.ndarray) -> None:
         if len(audio):
@@ -86,6 +93,7 @@ class DecodingStream:
         self._tasks: set[asyncio.Task[object]] = set()
         self._final_chain: asyncio.Task[None] | None = None
         self.closed = False
+        self._context: list[str] = []  # words of the previous finals, newest last
 
     # -- driven by the speaker pipeline ------------------------------------
     def begin(self, utt_id: str, audio: np.ndarray) -> None:
@@ -109,7 +117,10 @@ class DecodingStream:
         u.paused = True
         if u.prefinal is None:
             u.prefinal_len = u.length
-            u.prefinal = self._spawn(self._decode(u, "final", u.snapshot(u.length)))
+            u.prefinal_prompt = self._prompt()
+            u.prefinal = self._spawn(
+                self._decode(u, "final", u.snapshot(u.length), u.prefinal_prompt)
+            )
 
     def resume(self) -> None:
         u = self._utt
@@ -121,16 +132,20 @@ class DecodingStream:
             u.prefinal = None
         self._maybe_interim(u)
 
-    def end(self, keep_samples: int, *, discard: bool = False) -> None:
+    def end(
+        self, keep_samples: int, *, discard: bool = False, voiced_ms: int | None = None
+    ) -> None:
         """Finish the current utterance; its final comes through on_result.
 
         ``discard``: too short to be speech; no final unless interims were
-        shown (then an empty final clears them).
+        shown (then an empty final clears them). ``voiced_ms``: how long the
+        VAD was sure of speech in it (see :func:`~sidecar.asr.filters.clean`).
         """
         u = self._utt
         if u is None or u.done:
             return
         u.done = True
+        u.voiced_ms = voiced_ms
         if u.interim_task is not None:
             u.interim_task.cancel()
         if discard and u.prefinal is not None:
@@ -164,9 +179,17 @@ class DecodingStream:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _decode(self, u: _Utterance, kind: str, audio: np.ndarray) -> DecodeResult:
+    def _prompt(self) -> str:
+        n = self.options.context_words
+        return " ".join(self._context[-n:]) if n else ""
+
+    async def _decode(
+        self, u: _Utterance, kind: str, audio: np.ndarray, prompt: str | None = None
+    ) -> DecodeResult:
+        if prompt is None:
+            prompt = self._prompt()
         return await self.recognizer.recognize(
-            Request(audio=audio, language=self.language, kind=kind, key=self)
+            Request(audio=audio, language=self.language, kind=kind, key=self, prompt=prompt)
         )
 
     def _maybe_interim(self, u: _Utterance) -> None:
@@ -221,13 +244,23 @@ class DecodingStream:
     ) -> None:
         result: DecodeResult | None = None
         error = ""
+        if self.options.context_words and prev is not None and not prev.done():
+            # the previous final is this one's context: decoding without it
+            # would make the words depend on how fast the machine was
+            with contextlib.suppress(Exception):
+                await asyncio.shield(prev)
         if not discard:
             try:
                 # the speculative decode stands for the final only when it
-                # covered the kept audio and little more: after a forced cut
-                # it would hold words that belong to the next utterance
+                # covered the kept audio and little more (after a forced cut
+                # it would hold words that belong to the next utterance) and
+                # was given the context the final has
                 slack = u.prefinal_len - keep
-                if u.prefinal is not None and 0 <= slack <= PREFINAL_SLACK:
+                if (
+                    u.prefinal is not None
+                    and 0 <= slack <= PREFINAL_SLACK
+                    and u.prefinal_prompt == self._prompt()
+                ):
                     result = await u.prefinal
                 else:
                     if u.prefinal is not None:
@@ -246,7 +279,7 @@ class DecodingStream:
                 await asyncio.shield(prev)
         if result is not None:
             speech_ms = max(0, keep - u.onset) * 1000 // SR + 200
-            text = clean(result, speech_ms=speech_ms)
+            text = clean(result, speech_ms=speech_ms, voiced_ms=u.voiced_ms)
             confidence = _confidence(result)
             language = self._reported_language(result)
         elif discard:
@@ -259,6 +292,8 @@ class DecodingStream:
             text = u.last_interim_text
             confidence = 0.0
             language = self.language
+        if text and self.options.context_words:
+            self._context = (self._context + text.split())[-self.options.context_words :]
         if not text and u.interims_sent == 0:
             return
         extra: dict[str, object] = {"audio_ms": keep * 1000 // SR}

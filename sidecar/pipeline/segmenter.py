@@ -62,6 +62,9 @@ class End:
     reason: str  # "silence" | "max_length" | "flush" | "too_short"
     speech_end_sample: int
     keep_samples: int  # the utterance's audio is its first keep_samples samples
+    # how long the VAD was sure it heard speech (windows at or above the start
+    # threshold): what tells a real one-word reply from a decode of noise
+    voiced_ms: int = 0
 
 
 SegEvent = Start | Audio | Pause | Resume | End
@@ -139,7 +142,11 @@ class Segmenter:
         self.in_speech = False
         self._pre.clear()
         self._onset = 0
-        return End(reason, self._speech_end, keep)
+        return End(reason, self._speech_end, keep, self._sure_ms(len(self._probs)))
+
+    def _sure_ms(self, windows: int) -> int:
+        t = self.config.threshold
+        return sum(1 for q in self._probs[:windows] if q >= t) * WINDOW_MS
 
     def _cut(self) -> list[SegEvent]:
         """Forced end at the maximum length, at the quietest recent window."""
@@ -155,7 +162,7 @@ class Segmenter:
             sm = np.convolve(np.pad(p, 1, mode="edge"), np.ones(3, np.float32) / 3, "valid")
             idx = lo + int(np.argmin(sm)) + 1
         keep = idx * WINDOW
-        end = End("max_length", self._utt_start + keep, keep)
+        end = End("max_length", self._utt_start + keep, keep, self._sure_ms(idx))
         # the rest continues as a new utterance with the same audio
         new_start = self._utt_start + keep
         self._utt_start = new_start

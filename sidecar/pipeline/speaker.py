@@ -3,6 +3,17 @@
 Runs on the event loop, so every step is cheap or skipped: frames the
 sender marks as silent are not decoded and not run through the VAD, which
 makes a silent listener cost a few microseconds a frame.
+
+Two clocks, kept apart. The *audio timeline* (samples) is what the segmenter
+sees: silence in it ends utterances. It grows with the audio received, with
+the stretches an Opus sender skipped (an RTP timestamp jump with no sequence
+gap: DTX, a sender's own silence suppression) and with frames lost in
+transit. *Delivery* is wall clock: when audio arrives. A pause in delivery is
+not silence: Jigasi sends 1.46 s per message, a TCP stall or a jittery link
+holds frames and releases them in a burst. Only a sender that has been late
+for longer than its usual delivery gap plus the end-of-utterance silence is
+taken to have stopped (muted, gone), and only then does its missing audio
+count as silence (``idle_check``).
 """
 
 from __future__ import annotations
@@ -71,6 +82,16 @@ PRE_ROLL_FRAMES = 10  # gated frames kept to decode when speech starts
 MAX_OPEN_UTTERANCES = 64
 # sum of squares of a 512-sample window below which it is silence (-60 dBFS RMS)
 ENERGY_FLOOR = 512 * 1e-6
+# Delivery. A sender is late once nothing came for its usual gap between
+# arrivals (the longest in the last DELIVERY_MEMORY_S, at least one frame's
+# duration, at most MAX_DELIVERY_GAP_S) plus QUIET_SLACK_S; it has stopped
+# once it is late by the end-of-utterance silence as well.
+QUIET_SLACK_S = 0.3
+MAX_DELIVERY_GAP_S = 3.0
+DELIVERY_MEMORY_S = 30.0
+GAP_NOTED_S = 0.05  # shorter gaps between arrivals are not worth remembering
+TS_MOD = 1 << 32
+MAX_TS_JUMP = 48000 * 60  # a longer jump of the RTP clock is a restarted sender
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,6 +141,14 @@ class SpeakerPipeline:
         self.last_arrival = time.monotonic()
         self.on_utterance_start = on_utterance_start
         self.frames = 0
+        self._epoch_given = epoch_ms is not None
+        # delivery: recent (arrival, gap before it) and the last frame's length
+        self._gaps: deque[tuple[float, float]] = deque(maxlen=32)
+        self._last_frame_s = DEFAULT_FRAME_SAMPLES / SR
+        self._quiet = False  # idle_check took the sender for stopped
+        self._resumed = False  # the frame being played is the first after that
+        self._next_ts: int | None = None  # RTP timestamp the next Opus frame should have
+        self._last_seq: int | None = None  # sequence of the last Opus frame played
         self._audio_in = _audio_in(getattr(getattr(stream, "recognizer", None), "name", "none"))
 
     # -- time --------------------------------------------------------------
@@ -131,7 +160,22 @@ class SpeakerPipeline:
         """Accept one frame. Never raises for bad input: it is counted and dropped."""
         _FRAMES_IN.inc()
         self.frames += 1
-        self.last_arrival = time.monotonic()
+        now = time.monotonic()
+        # after idle_check took the sender for stopped, that silence was real:
+        # the gap is not a delivery gap, and it has been counted already
+        self._resumed = self._quiet
+        if not self._quiet and now - self.last_arrival > GAP_NOTED_S:
+            self._gaps.append((now, now - self.last_arrival))
+        self._quiet = False
+        self.last_arrival = now
+        if frame.pcm is not None:
+            self._last_frame_s = int(np.size(frame.pcm)) / SR  # type: ignore[arg-type]
+        else:
+            self._last_frame_s = self._frame_samples / SR
+        if self.frames == 1 and not self._epoch_given:
+            # a frame arrives when its audio has been spoken: the stream began
+            # one frame's duration earlier (1.46 s for Jigasi's messages)
+            self.epoch_ms -= self._last_frame_s * 1000
         if frame.pcm is None and len(frame.payload) > self.gate.max_frame_bytes:
             FRAMES_DROPPED.labels("oversized").inc()
             return
@@ -150,6 +194,7 @@ class SpeakerPipeline:
             FRAMES_LOST.inc(self.reorder.lost - lost)
         for item in out:
             self._play(item)
+        self._resumed = False
 
     def drain(self) -> None:
         """The sender went quiet or left: play out what the reorder buffer holds."""
@@ -159,11 +204,14 @@ class SpeakerPipeline:
     def _play(self, item: Frame | Gap) -> None:
         if isinstance(item, Gap):
             samples = item.frames * self._frame_samples
+            if self._next_ts is not None:
+                # the lost frames' span is filled here, not again as a jump
+                self._next_ts = (self._next_ts + samples * TICKS_PER_SAMPLE) % TS_MOD
+            self._last_seq = None  # the next frame's sequence follows the gap
             if not self.seg.in_speech:
                 # after a reconnect the idle check has already brought the
                 # clock to wall time: do not count the outage twice
-                wall = (time.time() * 1000 - self.epoch_ms) * SR / 1000
-                self._advance_idle(int(min(samples, max(0.0, wall - self.clock))))
+                self._advance_idle(self._not_yet_counted(samples))
                 return
             self._silence(samples)
             return
@@ -181,6 +229,10 @@ class SpeakerPipeline:
             self._silence(self._frame_samples)
             return
         self._frame_samples = samples
+        if self._last_seq is not None and (frame.sequence - self._last_seq) % 65536 != 1:
+            self._next_ts = None  # a restarted sender (resync): a new RTP clock
+        self._last_seq = frame.sequence % 65536
+        self._timestamp(frame.timestamp, samples)
         self._audio_in.inc(samples / SR)
         if self._is_silent(frame):
             _FRAMES_GATED.inc()
@@ -196,6 +248,36 @@ class SpeakerPipeline:
             return
         self._flush_gated(decode=True)
         self._decode_and_feed(frame, samples)
+
+    def _timestamp(self, ts: int, samples: int) -> None:
+        """An RTP timestamp past the expected one, with no frame missing: the
+        sender sent nothing for that stretch (DTX, silence suppression, a
+        mute on the same stream). That is silence in the audio."""
+        expected, self._next_ts = self._next_ts, (ts + samples * TICKS_PER_SAMPLE) % TS_MOD
+        if expected is None:
+            return
+        ahead = (ts - expected) % TS_MOD
+        if ahead == 0 or ahead > MAX_TS_JUMP:
+            return  # in step, behind (a resend) or a restarted sender
+        skipped = ahead // TICKS_PER_SAMPLE
+        if self._resumed:
+            # idle_check has already counted the time the sender was gone
+            skipped = self._not_yet_counted(skipped)
+        if not skipped:
+            return
+        if self.seg.in_speech:
+            # enough silence to end the utterance goes through the segmenter
+            head = min(skipped, self.seg.config.silence_ms * SR // 1000 + WINDOW)
+            self._silence(head, known=True)
+            skipped -= head
+        if skipped:
+            self._flush_gated(decode=False)
+            self._advance_idle(skipped)
+
+    def _not_yet_counted(self, samples: int) -> int:
+        """Of ``samples`` just missed, those the clock has not yet moved past wall time for."""
+        wall = (time.time() * 1000 - self.epoch_ms) * SR / 1000
+        return int(min(samples, max(0.0, wall - self.clock)))
 
     def _samples_of(self, frame: Frame) -> int:
         try:
@@ -307,15 +389,34 @@ class SpeakerPipeline:
                 t.end_sample = min(t.end_sample, ev.speech_end_sample)
                 if ev.reason == "max_length":
                     t.end_sample = t.start_sample + ev.keep_samples
-            self.stream.end(ev.keep_samples, discard=ev.reason == "too_short")
+            self.stream.end(
+                ev.keep_samples, discard=ev.reason == "too_short", voiced_ms=ev.voiced_ms
+            )
             self._utt_id = None
 
     # -- lifecycle ---------------------------------------------------------
+    def delivery_gap(self, now: float) -> float:
+        """The longest gap between arrivals this sender has shown lately (seconds)."""
+        while self._gaps and now - self._gaps[0][0] > DELIVERY_MEMORY_S:
+            self._gaps.popleft()
+        longest = max((g for _, g in self._gaps), default=0.0)
+        return min(MAX_DELIVERY_GAP_S, max(self._last_frame_s, longest))
+
+    def quiet_after(self, now: float, silence_ms: int) -> float:
+        """Seconds without an arrival after which the sender has stopped."""
+        return self.delivery_gap(now) + QUIET_SLACK_S + max(0.1, silence_ms / 1000)
+
     def idle_check(self, now: float, silence_ms: int) -> None:
         """Called periodically: a sender that stopped sending mid-utterance
-        (muted, left) must still get its final."""
-        if now - self.last_arrival < max(0.1, silence_ms / 1000 / 2):
+        (muted, left) must still get its final.
+
+        A gap in delivery as long as the sender's usual ones is no sign of
+        that: the audio of the gap is still to come (see the module doc).
+        """
+        if now - self.last_arrival < self.quiet_after(now, silence_ms):
             return
+        self._quiet = True
+        self._resumed = False
         self.drain()
         if self.seg.in_speech:
             self._audio(np.zeros(silence_ms * SR // 1000 + WINDOW, np.float32), known_silent=True)

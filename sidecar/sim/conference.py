@@ -221,6 +221,7 @@ class UtteranceResult:
     final_latency: float | None = None  # true end of speech -> last final, seconds
     first_interim_latency: float | None = None  # true start of speech -> first interim
     wer: float | None = None
+    merged: bool = False  # its words came in a final shared with another utterance
 
     @property
     def missed(self) -> bool:
@@ -245,6 +246,9 @@ class SimReport:
     wer: float | None = None  # all speakers with known words together
     speaker_wer: dict[str, float] = field(default_factory=dict)  # by display name
     missed: int = 0
+    merged: int = 0  # utterances served only together with another one, in one final
+    merged_final_latency_p95: float | None = None  # theirs (not in final_latency_*)
+    stray_finals: int = 0  # finals of a speaker that match none of its utterances
     finals: int = 0  # distinct non-empty finals
     duplicate_finals: int = 0  # a final received again (same message id)
     unmatched_finals: int = 0  # finals of endpoints that did not speak
@@ -279,9 +283,10 @@ class SimReport:
             "",
             "| metric | value |",
             "|---|---|",
-            f"| utterances | {len(self.utterances)} ({self.missed} missed) |",
+            f"| utterances | {len(self.utterances)} ({self.missed} missed, {self.merged} merged) |",
             f"| finals | {self.finals} ({self.duplicate_finals} duplicated, "
-            f"{self.unmatched_finals} from non-speakers, {self.misnamed_finals} misnamed) |",
+            f"{self.unmatched_finals} from non-speakers, {self.misnamed_finals} misnamed, "
+            f"{self.stray_finals} matching no utterance) |",
             f"| final latency p50 / p95 | {_s(self.final_latency_p50)} / "
             f"{_s(self.final_latency_p95)} |",
             f"| first interim latency p50 / p95 | {_s(self.first_interim_latency_p50)} / "
@@ -308,6 +313,8 @@ class SimReport:
         ]
         for u in self.utterances:
             caption = "**missed**" if u.missed else _cell(u.hypothesis)
+            if u.merged:
+                caption = f"(merged) {caption}"
             lines.append(
                 f"| {_cell(u.name)} | {u.index + 1} | {u.start:.2f} | {u.end:.2f} "
                 f"| {_s(u.final_latency)} | {_s(u.first_interim_latency)} | {_pct(u.wer)} "
@@ -395,7 +402,7 @@ def speech_segments(
     ]
 
 
-_SPOKEN = {"mr": "mister", "mrs": "missus", "dr": "doctor"}
+_SPOKEN = {"mr": "mister", "mrs": "missus", "dr": "doctor", "ok": "okay"}
 
 
 def normalise(text: str) -> str:
@@ -1204,11 +1211,20 @@ def _report(
         rows.append(row)
         by_speaker.setdefault(t.speaker, []).append(row)
 
+    stray = 0
     for sp, finals in finals_by_speaker.items():
-        for row, f in _assign(by_speaker.get(sp, []), finals):
+        turns = by_speaker.get(sp, [])
+        if turns and all(r.reference for r in turns):
+            pairs = _align(turns, finals)
+            stray += len(finals) - len({id(f) for _, f, _ in pairs})
+        else:  # words unknown: by time alone, one utterance per final
+            pairs = [(row, f, f.text.strip()) for row, f in _assign(turns, finals)]
+        shared = Counter(id(f) for _, f, _ in pairs)
+        for row, f, text in pairs:
             row.message_ids.append(f.message_id)
             row.names_seen.append(f.participant_name)
-            row.hypothesis = f"{row.hypothesis} {f.text.strip()}".strip()
+            row.hypothesis = f"{row.hypothesis} {text}".strip()
+            row.merged |= shared[id(f)] > 1
             end = timeline.at(row.end)
             if end is not None:
                 row.final_latency = f.arrival - end  # finals come in order: the last one counts
@@ -1232,7 +1248,8 @@ def _report(
             refs.append(ref)
             hyps.append(hyp)
 
-    final_lat = [r.final_latency for r in rows]
+    final_lat = [r.final_latency for r in rows if not r.merged]
+    merged_lat = [r.final_latency for r in rows if r.merged]
     first_lat = [r.first_interim_latency for r in rows]
     return SimReport(
         transport=cfg.transport,
@@ -1252,6 +1269,9 @@ def _report(
         wer=word_error_rate(refs, hyps) if refs else None,
         speaker_wer=speaker_wer,
         missed=sum(1 for r in rows if r.missed),
+        merged=sum(1 for r in rows if r.merged),
+        merged_final_latency_p95=_percentile(merged_lat, 95),
+        stray_finals=stray,
         finals=len(seen_final),
         duplicate_finals=duplicates,
         unmatched_finals=unmatched,
@@ -1304,6 +1324,96 @@ def _assign(
             k += 1
         got.setdefault(k, []).append(f)
         out.append((turns[k], f))
+    return out
+
+
+# a final this long after an utterance ended is not that utterance's
+MAX_FINAL_WAIT_S = 30.0
+
+
+def _align(
+    turns: list[UtteranceResult], finals: list[ReceivedCaption]
+) -> list[tuple[UtteranceResult, ReceivedCaption, str]]:
+    """Match one speaker's finals (in arrival order) to its utterances by words.
+
+    Every utterance's words are known. Each final is aligned word by word
+    (longest common blocks, in order) against the utterances it can be of:
+    begun before it arrived, ended less than MAX_FINAL_WAIT_S before, not
+    before the last utterance the previous final covered, and, with the
+    utterance's own times (gRPC), overlapping them. The final covers every
+    utterance that got enough of its words: a third of them, or half of the
+    final's. Two utterances covered by one final were merged; the final's
+    words are split between them where the alignment puts them. A final
+    whose words match nothing goes to the earliest candidate still without
+    a final, else the latest begun. Returns (utterance, final, its words
+    for that utterance); an utterance no final covers is missed, a final no
+    utterance can take is left out.
+    """
+    import difflib
+
+    out: list[tuple[UtteranceResult, ReceivedCaption, str]] = []
+    lo = 0
+    served: set[int] = set()
+    for f in finals:
+        t = f.t if f.t is not None else math.inf
+        cand = [
+            j
+            for j in range(lo, len(turns))
+            if turns[j].start <= t + 0.1 and t - turns[j].end <= MAX_FINAL_WAIT_S
+        ]
+        if f.start_t is not None and f.end_t is not None:
+            timed = [
+                j
+                for j in cand
+                if min(f.end_t, turns[j].end) - max(f.start_t, turns[j].start) > -0.3
+            ]
+            cand = timed or cand
+        if not cand:
+            continue
+        words = normalise(f.text).split()
+        ref: list[str] = []
+        owner: list[int] = []
+        for j in cand:
+            rw = normalise(turns[j].reference or "").split()
+            ref += rw
+            owner += [j] * len(rw)
+        sm = difflib.SequenceMatcher(None, words, ref, autojunk=False)
+        word_of: list[int | None] = [None] * len(words)
+        matched = Counter[int]()
+        for a, b, size in sm.get_matching_blocks():
+            for i in range(size):
+                word_of[a + i] = owner[b + i]
+                matched[owner[b + i]] += 1
+        covered = [
+            j
+            for j in cand
+            if matched[j]
+            >= max(
+                1,
+                min(
+                    math.ceil(len(normalise(turns[j].reference or "").split()) / 3),
+                    math.ceil(len(words) / 2),
+                ),
+            )
+        ]
+        if not covered:
+            begun = [j for j in cand if turns[j].start <= t]
+            unserved = [j for j in cand if j not in served and turns[j].end <= t]
+            covered = [unserved[0] if unserved else (begun or cand)[-1]]
+        if len(covered) == 1:
+            parts = {covered[0]: f.text.strip()}
+        else:
+            split: dict[int, list[str]] = {j: [] for j in covered}
+            cur = covered[0]
+            for w, owner_j in zip(words, word_of, strict=True):
+                if owner_j is not None and owner_j in split:
+                    cur = owner_j
+                split[cur].append(w)
+            parts = {j: " ".join(ws) for j, ws in split.items()}
+        for j, text in parts.items():
+            out.append((turns[j], f, text))
+            served.add(j)
+        lo = max(covered)
     return out
 
 
