@@ -147,6 +147,7 @@ class _Utt:
     ended: bool = False
     keep: int = 0
     discard: bool = False
+    voiced_ms: int | None = None
     interims_sent: int = 0
     last_interim: str = ""
     final: Hypothesis | None = None
@@ -252,7 +253,9 @@ class FailoverStream(RecognitionStream):
             if u.stream is not None:
                 u.stream.resume()
 
-    def end(self, keep_samples: int, *, discard: bool = False) -> None:
+    def end(
+        self, keep_samples: int, *, discard: bool = False, voiced_ms: int | None = None
+    ) -> None:
         u = self._open
         if u is None or u.ended or self.closed:
             return
@@ -260,9 +263,10 @@ class FailoverStream(RecognitionStream):
         u.ended = True
         u.keep = keep_samples
         u.discard = discard
+        u.voiced_ms = voiced_ms
         self._order.append(u)
         if u.stream is not None and not u.settled:
-            u.stream.end(keep_samples, discard=discard)
+            u.stream.end(keep_samples, discard=discard, voiced_ms=voiced_ms)
         self._flush()
 
     def configure(self, settings: StreamSettings) -> None:
@@ -306,7 +310,7 @@ class FailoverStream(RecognitionStream):
         if u.paused:
             stream.pause()
         if u.ended:
-            stream.end(u.keep, discard=u.discard)
+            stream.end(u.keep, discard=u.discard, voiced_ms=u.voiced_ms)
 
     def _result(self, index: int, stream: RecognitionStream, h: Hypothesis) -> None:
         u = self._utts.get(h.utterance_id)

@@ -220,11 +220,14 @@ class RecognitionStream(ABC):
         """Speech resumed after a pause."""
 
     @abstractmethod
-    def end(self, keep_samples: int, *, discard: bool = False) -> None:
+    def end(
+        self, keep_samples: int, *, discard: bool = False, voiced_ms: int | None = None
+    ) -> None:
         """The utterance ends; its first ``keep_samples`` samples are speech.
 
         ``discard``: too short to be speech; a final only if interims were
-        shown (an empty one, to clear them).
+        shown (an empty one, to clear them). ``voiced_ms``: how long the VAD
+        was sure of speech in it (Whisper's filters use it; services ignore it).
         """
 
     @abstractmethod
@@ -505,7 +508,9 @@ class TurnStream(RecognitionStream):
             return
         self._send(t, audio)
 
-    def end(self, keep_samples: int, *, discard: bool = False) -> None:
+    def end(
+        self, keep_samples: int, *, discard: bool = False, voiced_ms: int | None = None
+    ) -> None:
         t = self.turn
         if t is None or t.ended or self.closed:
             return

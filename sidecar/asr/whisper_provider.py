@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -115,12 +116,14 @@ class WhisperStream(RecognitionStream):
     def resume(self) -> None:
         self.inner.resume()
 
-    def end(self, keep_samples: int, *, discard: bool = False) -> None:
+    def end(
+        self, keep_samples: int, *, discard: bool = False, voiced_ms: int | None = None
+    ) -> None:
         if self.closed:
             return
         utt = self._open
         self._open = None
-        self.inner.end(keep_samples, discard=discard)
+        self.inner.end(keep_samples, discard=discard, voiced_ms=voiced_ms)
         if utt is None:
             return
         self._ended[utt] = False
@@ -133,7 +136,9 @@ class WhisperStream(RecognitionStream):
     def configure(self, settings: StreamSettings) -> None:
         self.settings = settings
         self.inner.set_language(settings.language)
-        self.inner.options = StreamOptions(interim_results=settings.interim_results)
+        self.inner.options = dataclasses.replace(
+            self.inner.options, interim_results=settings.interim_results
+        )
 
     async def drain(self) -> None:
         await self.inner.drain()
