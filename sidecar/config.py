@@ -36,6 +36,7 @@ __all__ = [
     "LOG_LEVELS",
     "MAX_SPEECH_CAPTION_MS_RANGE",
     "PROVIDERS",
+    "PROVIDER_SECTIONS",
     "SILENCE_DURATION_MS_RANGE",
     "STORAGE_BACKENDS",
     "ConfigError",
@@ -796,6 +797,10 @@ class SidecarConfig:
     defaults: EffectiveSettings = field(default_factory=EffectiveSettings)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     config_path: Path | None = None  # the file it was read from, for the log
+    # [azure], [google]: each cloud recogniser reads and checks its own section
+    # (sidecar.asr.azure / sidecar.asr.google), with its CAPTIONS_<NAME>_* variables
+    providers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    provider_env: dict[str, str] = field(default_factory=dict)
 
 
 _SECTIONS: dict[str, type] = {
@@ -820,6 +825,8 @@ def _section_specs(section: str) -> dict[str, _Spec]:
 
 
 _ALL_SECTIONS = (*_SECTIONS, "defaults")
+# sections owned by the recogniser adapters, passed to them as they are
+PROVIDER_SECTIONS: tuple[str, ...] = tuple(p for p in PROVIDERS if p != "whisper")
 
 
 def _describe(value: object) -> str:
@@ -910,9 +917,14 @@ def _read_file(path: Path) -> dict[str, dict[str, _Value]]:
         raise ConfigError(source, "", f"cannot be read: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(source, "", f"is not valid TOML: {e}") from None
-    sections = ", ".join(f"[{s}]" for s in _ALL_SECTIONS)
+    sections = ", ".join(f"[{s}]" for s in (*_ALL_SECTIONS, *PROVIDER_SECTIONS))
     result: dict[str, dict[str, _Value]] = {}
     for section, table in data.items():
+        if section in PROVIDER_SECTIONS:
+            if not isinstance(table, dict):
+                raise ConfigError(source, section, "must be a table")
+            result[section] = {k: _Value(v, source) for k, v in table.items()}
+            continue
         if section not in _ALL_SECTIONS:
             raise ConfigError(source, section, f"unknown section (allowed: {sections})")
         if not isinstance(table, dict):
@@ -1073,4 +1085,14 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
         defaults=_build_defaults(values.get("defaults", {})),
         logging=sections["logging"],
         config_path=path,
+        providers={
+            name: {k: v.value for k, v in values[name].items()}
+            for name in PROVIDER_SECTIONS
+            if name in values
+        },
+        provider_env={
+            k: v
+            for k, v in env.items()
+            if any(k.startswith(f"{_ENV_PREFIX}{n.upper()}_") for n in PROVIDER_SECTIONS)
+        },
     )

@@ -38,14 +38,15 @@ import logging
 import re
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from sidecar.asr.base import Hypothesis, Recognizer
-from sidecar.asr.streaming import DecodingStream, StreamOptions
+from sidecar.asr.base import Hypothesis, ProviderError, Recognizer
+from sidecar.asr.provider import RecognitionStream, StreamProvider, StreamSettings, error_kind
+from sidecar.asr.whisper_provider import WhisperProvider
 from sidecar.config import (
     EffectiveSettings,
     Mode,
@@ -109,6 +110,11 @@ CARRIED = Counter(
 NO_AUDIO = Counter(
     "captions_no_audio_warnings_total",
     "Rooms switched on that got no audio within ingest.no_audio_warning_s",
+)
+RECOGNIZER_FAILURES = Counter(
+    "captions_room_recognition_failures_total",
+    "Utterances a room's recogniser (all of a chain) failed on, by kind",
+    ["kind"],
 )
 SUBSCRIBER_DROPS = Counter(
     "captions_subscriber_dropped_total", "Caption events not delivered to a slow subscriber"
@@ -209,7 +215,7 @@ class Room:
     roster: dict[str, Participant] = field(default_factory=dict)
     roster_known: bool = False
     speakers: dict[str, SpeakerPipeline] = field(default_factory=dict)
-    streams: dict[str, DecodingStream] = field(default_factory=dict)
+    streams: dict[str, RecognitionStream] = field(default_factory=dict)
     writer: TranscriptWriter | None = None
     subscribers: set[Subscriber] = field(default_factory=set)
     sinks: list[CaptionSink] = field(default_factory=list)
@@ -285,7 +291,8 @@ class RoomManager:
         *,
         defaults: EffectiveSettings,
         store: TranscriptStore,
-        recognizers: dict[str, Recognizer],
+        providers: Mapping[str, StreamProvider] | None = None,
+        recognizers: Mapping[str, Recognizer] | None = None,
         vad: SileroVad,
         max_rooms: int = 200,
         max_speakers_per_room: int = 500,
@@ -298,7 +305,11 @@ class RoomManager:
     ) -> None:
         self.defaults = defaults
         self.store = store
-        self.recognizers = recognizers
+        # rooms name a provider (the ``provider`` setting); whole-utterance
+        # recognisers given directly run behind the Whisper stream adapter
+        self.providers: dict[str, StreamProvider] = dict(providers or {})
+        for name, rec in (recognizers or {}).items():
+            self.providers.setdefault(name, WhisperProvider(rec))
         self.vad = vad
         self.max_rooms = max_rooms
         self.max_speakers = max_speakers_per_room
@@ -606,10 +617,21 @@ class RoomManager:
         mode = eff.transcription_mode if kind == "transcription" else eff.captions_mode
         if mode == Mode.DISABLED:
             raise FailedPrecondition(f"{kind} is disabled for room {r.name}")
-        if eff.provider not in self.recognizers:
+        provider = self.providers.get(eff.provider)
+        if provider is None:
             raise FailedPrecondition(
                 f"provider {eff.provider!r} is not configured on this sidecar "
-                f"(configured: {sorted(self.recognizers)})"
+                f"(configured: {sorted(self.providers)})"
+            )
+        if not provider.capabilities.supports(eff.language):
+            langs = provider.capabilities.languages
+            raise FailedPrecondition(
+                f"provider {eff.provider!r} cannot recognise language {eff.language!r} "
+                + (
+                    "(it does not detect languages: name one)"
+                    if eff.language == "auto"
+                    else f"(it serves: {', '.join(langs or ())})"
+                )
             )
         was_active = r.active
         if not was_active:
@@ -795,9 +817,19 @@ class RoomManager:
         seg = self._segmenter_config(eff)
         for pid, sp in r.speakers.items():
             sp.reconfigure(seg)
-            st = r.streams[pid]
-            st.set_language(eff.language)
-            st.options = StreamOptions(interim_results=eff.interim_results)
+            r.streams[pid].configure(self._stream_settings(eff, pid))
+
+    def _stream_settings(self, eff: EffectiveSettings, pid: str) -> StreamSettings:
+        provider = self.providers.get(eff.provider)
+        interims = eff.interim_results and (
+            provider is None or provider.capabilities.interim_results
+        )
+        return StreamSettings(
+            language=eff.language,
+            interim_results=interims,
+            silence_duration_ms=eff.silence_duration_ms,
+            speaker=pid,
+        )
 
     @staticmethod
     def _segmenter_config(eff: EffectiveSettings) -> SegmenterConfig:
@@ -939,13 +971,12 @@ class RoomManager:
 
     def _new_speaker(self, r: Room, pid: str) -> SpeakerPipeline:
         eff = r.effective
-        rec = self.recognizers[eff.provider]
+        provider = self.providers[eff.provider]
         holder: list[SpeakerPipeline] = []
-        stream = DecodingStream(
-            rec,
-            language=eff.language,
+        stream = provider.open_stream(
+            self._stream_settings(eff, pid),
             on_result=lambda h: self._on_hypothesis(r, holder[0], h),
-            options=StreamOptions(interim_results=eff.interim_results),
+            on_error=lambda utt, err: self._on_recognizer_error(r, pid, utt, err),
         )
         sp = SpeakerPipeline(
             pid,
@@ -961,7 +992,20 @@ class RoomManager:
         return sp
 
     # -- captions out --------------------------------------------------------
+    def _on_recognizer_error(self, r: Room, pid: str, utt: str, err: ProviderError) -> None:
+        """The room's recogniser failed on an utterance (a chain: all of it)."""
+        RECOGNIZER_FAILURES.labels(error_kind(err)).inc()
+        first = "recognizer" not in r.warnings
+        r.warnings["recognizer"] = f"recognition failed for {pid}: {err}"
+        log.warning(
+            "room %s: recognition failed for %s (utterance %s): %s", r.name, pid, utt or "-", err
+        )
+        if first:
+            self._notify(r, "recognizer")
+
     def _on_hypothesis(self, r: Room, sp: SpeakerPipeline, h: Hypothesis) -> None:
+        if h.is_final and h.text and "error" not in h.extra:
+            r.warnings.pop("recognizer", None)  # captions flow again
         times = sp.times.get(h.utterance_id)
         start = sp.sample_to_epoch_ms(times.start_sample) if times else int(time.time() * 1000)
         end = sp.sample_to_epoch_ms(times.end_sample) if times else start

@@ -21,8 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sidecar.api.grpcweb import GrpcWebGateway
 from sidecar.api.metrics import MetricsInterceptor
 from sidecar.api.servicer import CaptionsService
-from sidecar.asr.base import Recognizer
 from sidecar.asr.scheduler import Scheduler
+from sidecar.asr.setup import from_config as providers_from_config
 from sidecar.asr.whisper import from_config as whisper_from_config
 from sidecar.config import SidecarConfig
 from sidecar.counters import flush_all
@@ -73,13 +73,15 @@ class Sidecar:
         w = config.whisper
         self.scheduler = Scheduler(w.workers)
         self.whisper = whisper_from_config(w, self.scheduler)
-        self.recognizers: dict[str, Recognizer] = {"whisper": self.whisper}
+        # every recogniser a room may name: Whisper, and the cloud ones of the
+        # [azure] / [google] sections (with their fallback chains)
+        self.providers = providers_from_config(config.providers, config.provider_env, self.whisper)
         self.vad = SileroVad()
         lim = config.limits
         self.rooms = RoomManager(
             defaults=config.defaults,
             store=self.store,
-            recognizers=self.recognizers,
+            providers=self.providers.by_name,
             vad=self.vad,
             max_rooms=lim.max_rooms,
             max_speakers_per_room=lim.max_speakers_per_room,
@@ -221,9 +223,9 @@ class Sidecar:
         self.rooms.start_background()
         if self.occupant is not None:
             await self.occupant.start(wait_s=10)
-        if preload:
-            # the first caption must not wait for the model to load
-            await asyncio.to_thread(self.whisper.preload)
+        # the first caption must not wait for the model to load, nor for a
+        # cloud recogniser's client (credentials are checked here too)
+        await self.providers.start(preload_whisper=preload)
 
         server = grpc.aio.server(
             interceptors=[MetricsInterceptor()],
@@ -293,6 +295,7 @@ class Sidecar:
             await self.grpc_server.stop(grace)
         if self.runner is not None:
             await self.runner.cleanup()
+        await self.providers.aclose()
         await self.scheduler.close()
 
 
