@@ -11,7 +11,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,multilingual]'
+	# the cloud SDKs too: their adapters are tested against local services
+	$(PY) -m pip install -q -e '.[dev,multilingual,azure,google]'
 	# silero-vad declares torch as a dependency but the sidecar only reads
 	# its ONNX model with onnxruntime: install it without dependencies
 	$(PY) -m pip install -q --no-deps $(SILERO_VAD)

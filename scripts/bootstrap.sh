@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+# libssl3 and libuuid1: the Azure Speech SDK (the [azure] extra) loads them at run time
 PKGS=(make python3 python3-venv python3-dev gcc espeak-ng pocketsphinx-testdata sox
       prosody lua5.4 lua-busted lua-check ca-certificates openssl prometheus
-      ruby-hocon nodejs
+      ruby-hocon nodejs libssl3 libuuid1
       chromium chromium-driver)  # the transcript page is tested in a real browser
 missing=()
 for p in "${PKGS[@]}"; do

@@ -37,6 +37,7 @@ __all__ = [
     "LOG_LEVELS",
     "MAX_SPEECH_CAPTION_MS_RANGE",
     "PROVIDERS",
+    "PROVIDER_SECTIONS",
     "SILENCE_DURATION_MS_RANGE",
     "STORAGE_BACKENDS",
     "ConfigError",
@@ -1020,6 +1021,10 @@ class SidecarConfig:
     links: LinksConfig = field(default_factory=LinksConfig)
     webhooks: tuple[WebhookEndpoint, ...] = ()
     config_path: Path | None = None  # the file it was read from, for the log
+    # [azure], [google]: each cloud recogniser reads and checks its own section
+    # (sidecar.asr.azure / sidecar.asr.google), with its CAPTIONS_<NAME>_* variables
+    providers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    provider_env: dict[str, str] = field(default_factory=dict)
 
 
 _SECTIONS: dict[str, type] = {
@@ -1047,6 +1052,8 @@ def _section_specs(section: str) -> dict[str, _Spec]:
 
 
 _ALL_SECTIONS = (*_SECTIONS, "defaults")
+# sections owned by the recogniser adapters, passed to them as they are
+PROVIDER_SECTIONS: tuple[str, ...] = tuple(p for p in PROVIDERS if p != "whisper")
 
 
 def _describe(value: object) -> str:
@@ -1137,13 +1144,18 @@ def _read_file(path: Path) -> dict[str, dict[str, _Value]]:
         raise ConfigError(source, "", f"cannot be read: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(source, "", f"is not valid TOML: {e}") from None
-    sections = ", ".join(f"[{s}]" for s in _ALL_SECTIONS) + ", [[webhooks]]"
+    sections = ", ".join(f"[{s}]" for s in (*_ALL_SECTIONS, *PROVIDER_SECTIONS)) + ", [[webhooks]]"
     result: dict[str, dict[str, _Value]] = {}
     if "webhooks" in data:
         # an array of tables, not a section of keys: kept whole under one key
         endpoints = _read_webhooks(source, data.pop("webhooks"))
         result["webhooks"] = {"endpoints": _Value(endpoints, source)}
     for section, table in data.items():
+        if section in PROVIDER_SECTIONS:
+            if not isinstance(table, dict):
+                raise ConfigError(source, section, "must be a table")
+            result[section] = {k: _Value(v, source) for k, v in table.items()}
+            continue
         if section not in _ALL_SECTIONS:
             raise ConfigError(source, section, f"unknown section (allowed: {sections})")
         if not isinstance(table, dict):
@@ -1315,4 +1327,14 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
         links=sections["links"],
         webhooks=values["webhooks"]["endpoints"].value if "webhooks" in values else (),
         config_path=path,
+        providers={
+            name: {k: v.value for k, v in values[name].items()}
+            for name in PROVIDER_SECTIONS
+            if name in values
+        },
+        provider_env={
+            k: v
+            for k, v in env.items()
+            if any(k.startswith(f"{_ENV_PREFIX}{n.upper()}_") for n in PROVIDER_SECTIONS)
+        },
     )

@@ -3,8 +3,9 @@
 :meth:`Engine.from_config` builds everything a sidecar runs from its
 configuration: the room event bus, the outputs (transcript store, local or
 in front of a bucket, the archiver, webhooks, signed links, transcript
-routes, retention), the recognition scheduler and the Whisper recogniser,
-the VAD, and the room manager wired to all of them. The server
+routes, retention), the recognition scheduler, Whisper and the cloud
+recognisers of the ``[azure]`` / ``[google]`` sections, the VAD, and the
+room manager wired to all of them. The server
 (:class:`sidecar.server.Sidecar`) adds the listeners and the ingest adapters
 around it; ``transcribe``, the demo, the tests and the benchmarks use
 ``Engine(store_dir)``, the same parts without outputs.
@@ -12,11 +13,12 @@ around it; ``transcribe``, the demo, the tests and the benchmarks use
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from sidecar.asr.base import Recognizer
 from sidecar.asr.scheduler import Scheduler
+from sidecar.asr.setup import from_config as providers_from_config
 from sidecar.asr.whisper import from_config as whisper_from_config
 from sidecar.config import EffectiveSettings, SidecarConfig, WhisperConfig
 from sidecar.outputs.hub import Outputs
@@ -36,6 +38,8 @@ class Engine:
         defaults: EffectiveSettings | None = None,
         whisper: WhisperConfig | None = None,
         model: str | None = None,
+        providers: Mapping[str, Mapping[str, Any]] | None = None,
+        provider_env: Mapping[str, str] | None = None,
         config: SidecarConfig | None = None,
         token: str = "",
     ) -> None:
@@ -49,13 +53,15 @@ class Engine:
         if config is not None:
             self.outputs = Outputs(config, token=token, bus=self.events)
             self.store = self.outputs.store
+            providers, provider_env = config.providers, config.provider_env
         else:
             if store_dir is None:
                 raise ValueError("Engine needs store_dir or config")
             self.store = LocalDirStore(store_dir)
         self.scheduler = Scheduler(w.workers)
         self.whisper = whisper_from_config(w, self.scheduler, model=model)
-        self.recognizers: dict[str, Recognizer] = {"whisper": self.whisper}
+        # Whisper, and the cloud recognisers of [azure] / [google] sections
+        self.providers = providers_from_config(providers or {}, provider_env or {}, self.whisper)
         self.vad = SileroVad()
         if config is not None:
             lim = config.limits
@@ -64,7 +70,7 @@ class Engine:
             self.rooms = RoomManager(
                 defaults=config.defaults,
                 store=self.store,
-                recognizers=self.recognizers,
+                providers=self.providers.by_name,
                 vad=self.vad,
                 max_rooms=lim.max_rooms,
                 max_speakers_per_room=lim.max_speakers_per_room,
@@ -78,7 +84,7 @@ class Engine:
             self.rooms = RoomManager(
                 defaults=defaults or EffectiveSettings(),
                 store=self.store,
-                recognizers=self.recognizers,
+                providers=self.providers.by_name,
                 vad=self.vad,
                 events=self.events,
             )
@@ -91,9 +97,9 @@ class Engine:
     async def start(self, preload: bool = True) -> None:
         self.scheduler.start()
         self.rooms.start_background()
-        if preload:
-            await asyncio.to_thread(self.whisper.preload)
+        await self.providers.start(preload_whisper=preload)
 
     async def close(self) -> None:
         await self.rooms.close()
+        await self.providers.aclose()
         await self.scheduler.close()

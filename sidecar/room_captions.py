@@ -70,6 +70,8 @@ class CaptionOutput:
         self.m = manager
 
     def on_hypothesis(self, r: Room, sp: SpeakerPipeline, h: Hypothesis) -> None:
+        if h.is_final and h.text and "error" not in h.extra:
+            r.warnings.pop("recognizer", None)  # captions flow again
         times = sp.times.get(h.utterance_id)
         start = sp.sample_to_epoch_ms(times.start_sample) if times else int(time.time() * 1000)
         end = sp.sample_to_epoch_ms(times.end_sample) if times else start

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter
 
-from sidecar.asr.streaming import DecodingStream
+from sidecar.asr.provider import RecognitionStream
 from sidecar.config import EffectiveSettings, RoomSettings, Trigger
 from sidecar.errors import InvalidArgument
 from sidecar.events import Caption, TranscriptEntry
@@ -138,7 +138,7 @@ class Room:
     roster: dict[str, Participant] = field(default_factory=dict)
     roster_known: bool = False
     speakers: dict[str, SpeakerPipeline] = field(default_factory=dict)
-    streams: dict[str, DecodingStream] = field(default_factory=dict)
+    streams: dict[str, RecognitionStream] = field(default_factory=dict)
     writer: TranscriptWriter | None = None
     subscribers: set[Subscriber] = field(default_factory=set)
     sinks: list[CaptionSink] = field(default_factory=list)

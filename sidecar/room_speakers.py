@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import Gauge
 
-from sidecar.asr.streaming import DecodingStream, StreamOptions
 from sidecar.events import Frame
 from sidecar.pipeline.speaker import FRAMES_DROPPED, SpeakerPipeline
 from sidecar.room_model import Room, valid_participant
@@ -80,13 +79,12 @@ class SpeakerPool:
 
     def new_speaker(self, r: Room, pid: str) -> SpeakerPipeline:
         eff = r.effective
-        rec = self.m.recognizers[eff.provider]
+        provider = self.m.providers[eff.provider]
         holder: list[SpeakerPipeline] = []
-        stream = DecodingStream(
-            rec,
-            language=eff.language,
+        stream = provider.open_stream(
+            self.m._stream_settings(eff, pid),
             on_result=lambda h: self.m.captions.on_hypothesis(r, holder[0], h),
-            options=StreamOptions(interim_results=eff.interim_results),
+            on_error=lambda utt, err: self.m._on_recognizer_error(r, pid, utt, err),
         )
         sp = SpeakerPipeline(
             pid,

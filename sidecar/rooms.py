@@ -44,12 +44,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
-from sidecar.asr.base import Hypothesis, Recognizer
-from sidecar.asr.streaming import StreamOptions
+from sidecar.asr.base import Hypothesis, ProviderError, Recognizer
+from sidecar.asr.provider import StreamProvider, StreamSettings, error_kind
+from sidecar.asr.whisper_provider import WhisperProvider
 from sidecar.config import (
     EffectiveSettings,
     Mode,
@@ -116,6 +117,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ROOMS_ACTIVE = Gauge("captions_rooms_active", "Rooms with captions or transcription on")
+RECOGNIZER_FAILURES = Counter(
+    "captions_room_recognition_failures_total",
+    "Utterances a room's recogniser (all of a chain) failed on, by kind",
+    ["kind"],
+)
 
 
 class RoomManager:
@@ -124,7 +130,8 @@ class RoomManager:
         *,
         defaults: EffectiveSettings,
         store: TranscriptStore,
-        recognizers: dict[str, Recognizer],
+        providers: Mapping[str, StreamProvider] | None = None,
+        recognizers: Mapping[str, Recognizer] | None = None,
         vad: SileroVad,
         max_rooms: int = 200,
         max_speakers_per_room: int = 500,
@@ -150,7 +157,11 @@ class RoomManager:
         # the signed link of a transcript, for TranscriptReady; None: no links
         self.transcript_link = transcript_link
         self.store = store
-        self.recognizers = recognizers
+        # rooms name a provider (the ``provider`` setting); whole-utterance
+        # recognisers given directly run behind the Whisper stream adapter
+        self.providers: dict[str, StreamProvider] = dict(providers or {})
+        for name, rec in (recognizers or {}).items():
+            self.providers.setdefault(name, WhisperProvider(rec))
         self.vad = vad
         self.max_rooms = max_rooms
         self.max_speakers = max_speakers_per_room
@@ -374,10 +385,21 @@ class RoomManager:
         mode = eff.transcription_mode if kind == "transcription" else eff.captions_mode
         if mode == Mode.DISABLED:
             raise FailedPrecondition(f"{kind} is disabled for room {r.name}")
-        if eff.provider not in self.recognizers:
+        provider = self.providers.get(eff.provider)
+        if provider is None:
             raise FailedPrecondition(
                 f"provider {eff.provider!r} is not configured on this sidecar "
-                f"(configured: {sorted(self.recognizers)})"
+                f"(configured: {sorted(self.providers)})"
+            )
+        if not provider.capabilities.supports(eff.language):
+            langs = provider.capabilities.languages
+            raise FailedPrecondition(
+                f"provider {eff.provider!r} cannot recognise language {eff.language!r} "
+                + (
+                    "(it does not detect languages: name one)"
+                    if eff.language == "auto"
+                    else f"(it serves: {', '.join(langs or ())})"
+                )
             )
         was_active = r.active
         if not was_active:
@@ -601,9 +623,19 @@ class RoomManager:
         seg = self._segmenter_config(eff)
         for pid, sp in r.speakers.items():
             sp.reconfigure(seg)
-            st = r.streams[pid]
-            st.set_language(eff.language)
-            st.options = StreamOptions(interim_results=eff.interim_results)
+            r.streams[pid].configure(self._stream_settings(eff, pid))
+
+    def _stream_settings(self, eff: EffectiveSettings, pid: str) -> StreamSettings:
+        provider = self.providers.get(eff.provider)
+        interims = eff.interim_results and (
+            provider is None or provider.capabilities.interim_results
+        )
+        return StreamSettings(
+            language=eff.language,
+            interim_results=interims,
+            silence_duration_ms=eff.silence_duration_ms,
+            speaker=pid,
+        )
 
     @staticmethod
     def _segmenter_config(eff: EffectiveSettings) -> SegmenterConfig:
@@ -683,6 +715,28 @@ class RoomManager:
                 await self.start(
                     r.name, kind, r.start_settings, trigger=eff.trigger, requested_by="auto"
                 )
+
+    # -- recognition failures -------------------------------------------------
+    def _on_recognizer_error(self, r: Room, pid: str, utt: str, err: ProviderError) -> None:
+        """The room's recogniser failed on an utterance (a chain: all of it)."""
+        RECOGNIZER_FAILURES.labels(error_kind(err)).inc()
+        first = "recognizer" not in r.warnings
+        r.warnings["recognizer"] = f"recognition failed for {pid}: {err}"
+        log.warning(
+            "room %s: recognition failed for %s (utterance %s): %s", r.name, pid, utt or "-", err
+        )
+        if first:
+            self._notify(r, "recognizer")
+            # said once until captions flow again
+            self._emit(
+                SessionFailed(
+                    room=r.name,
+                    kind="captions" if r.captioning else "transcription",
+                    cause="recognizer",
+                    message=clip(str(err), 500),
+                    transcript_id=r.transcript_id,
+                )
+            )
 
     def _transcript_failed(self, r: Room, op: str, e: BaseException) -> None:
         self.captions.transcript_failed(r, op, e)

@@ -79,7 +79,7 @@ class Sidecar:
         self.store = self.engine.store
         self.scheduler = self.engine.scheduler
         self.whisper = self.engine.whisper
-        self.recognizers = self.engine.recognizers
+        self.providers = self.engine.providers
         self.vad = self.engine.vad
         self.rooms = self.engine.rooms
         lim = config.limits
@@ -241,9 +241,9 @@ class Sidecar:
         self.rooms.start_background()
         if self.occupant is not None:
             await self.occupant.start(wait_s=10)
-        if preload:
-            # the first caption must not wait for the model to load
-            await asyncio.to_thread(self.whisper.preload)
+        # the first caption must not wait for the model to load, nor for a
+        # cloud recogniser's client (credentials are checked here too)
+        await self.providers.start(preload_whisper=preload)
 
         server = grpc.aio.server(
             interceptors=[MetricsInterceptor()],
@@ -315,6 +315,7 @@ class Sidecar:
             await self.grpc_server.stop(grace)
         if self.runner is not None:
             await self.runner.cleanup()
+        await self.providers.aclose()
         await self.scheduler.close()
 
 

@@ -633,8 +633,8 @@ async def test_live_settings_change_reaches_running_streams(api: Api, sidecar: S
         assert sidecar.rooms.push_frame(ROOM, "alice", Frame(packet, i, i * 960))
     room = sidecar.rooms.rooms[ROOM]
     stream, speaker = room.streams["alice"], room.speakers["alice"]
-    assert stream.language == DEFAULT_LANGUAGE
-    assert stream.options.interim_results is True
+    assert stream.settings.language == DEFAULT_LANGUAGE
+    assert stream.settings.interim_results is True
     assert speaker.seg.config.silence_ms == DEFAULT_SILENCE_MS
 
     status = await api(
@@ -653,14 +653,14 @@ async def test_live_settings_change_reaches_running_streams(api: Api, sidecar: S
     assert (await api.status(ROOM)).effective.language == "fr-FR"
     # the same stream objects, reconfigured in place
     assert room.streams["alice"] is stream
-    assert stream.language == "fr-FR"
-    assert stream.options.interim_results is False
+    assert stream.settings.language == "fr-FR"
+    assert stream.settings.interim_results is False
     assert speaker.seg.config.silence_ms == 1000
     assert speaker.seg.config.max_speech_ms == 7000
 
     # a speaker who starts after the change gets the new settings too
     assert sidecar.rooms.push_frame(ROOM, "bob", Frame(silence_packets(1)[0], 0, 0))
-    assert room.streams["bob"].language == "fr-FR"
+    assert room.streams["bob"].settings.language == "fr-FR"
 
 
 # == 4. modes and triggers ============================================================

@@ -226,6 +226,7 @@ define_message("RoomStatus", {
 	{ 9, "trigger", "enum", nil, "Trigger" },
 	{ 10, "warning", "string" },
 	{ 11, "caption_carrier", "string" },
+	{ 12, "transcript_error", "string" },
 });
 define_message("ListRoomsRequest", {});
 define_message("ListRoomsResponse", {

@@ -195,7 +195,7 @@ describe("captions_codec", function ()
 			assert.same({
 				room = "", transcribing = false, captioning = false, transcript_id = "",
 				participants = 0, active_speakers = 0, captions_sent = 0, trigger = "TRIGGER_UNSPECIFIED",
-				warning = "", caption_carrier = "",
+				warning = "", caption_carrier = "", transcript_error = "",
 			}, codec.decode("RoomStatus", ""));
 			assert.same({ rooms = {} }, codec.decode("ListRoomsResponse", ""));
 		end);
@@ -235,6 +235,7 @@ describe("captions_codec", function ()
 				room = "r", transcribing = true, captioning = true, effective = full_settings,
 				transcript_id = "t-1", participants = 3, active_speakers = 1, captions_sent = 1 << 40,
 				warning = "no audio from the videobridge", caption_carrier = "muc",
+				transcript_error = "No space left on device",
 				trigger = "TRIGGER_AUTOMATIC_2ND_PARTICIPANT",
 			},
 			ListRoomsRequest = {},
@@ -242,10 +243,10 @@ describe("captions_codec", function ()
 				rooms = {
 					{ room = "a", transcribing = false, captioning = true, transcript_id = "", participants = 0,
 						active_speakers = 0, captions_sent = 0, trigger = "TRIGGER_UNSPECIFIED",
-						warning = "no audio", caption_carrier = "muc" },
+						warning = "no audio", caption_carrier = "muc", transcript_error = "" },
 					{ room = "b", transcribing = true, captioning = false, transcript_id = "x", participants = 9,
 						active_speakers = 2, captions_sent = 12, trigger = "TRIGGER_MANUAL",
-						warning = "", caption_carrier = "videobridge",
+						warning = "", caption_carrier = "videobridge", transcript_error = "disk full",
 						effective = { language = "auto", translation_languages = {} } },
 				},
 			},
@@ -277,7 +278,7 @@ describe("captions_codec", function ()
 				room = "r", transcribing = false, captioning = true, transcript_id = "",
 				effective = { language = "en", interim_results = true, translation_languages = {} },
 				participants = 2, active_speakers = 0, captions_sent = 10, trigger = "TRIGGER_AUTOMATIC",
-				warning = "", caption_carrier = "",
+				warning = "", caption_carrier = "", transcript_error = "",
 			}, codec.decode("RoomStatus", bytes));
 		end);
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from prometheus_client import Counter
 
-from sidecar.asr.streaming import DecodingStream
+from sidecar.asr.provider import RecognitionStream
 from sidecar.audio import DecodeError, OpusDecoder, opus_packet_samples
 from sidecar.counters import BatchedCounter, batched
 from sidecar.events import Frame, new_message_id
@@ -114,7 +114,7 @@ class SpeakerPipeline:
         participant_id: str,
         *,
         vad: SileroVad,
-        stream: DecodingStream,
+        stream: RecognitionStream,
         segmenter: SegmenterConfig,
         gate: GateConfig | None = None,
         epoch_ms: float | None = None,
