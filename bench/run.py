@@ -106,12 +106,14 @@ async def bench_latency(tmp: Path, speakers: int, rounds: int) -> dict[str, floa
     r = await engine.rooms.start(room, "captions", RoomSettings())
     loop = asyncio.get_running_loop()
     firsts: dict[str, float] = {}
+    interims = [0]
     finals: dict[str, tuple[str, float]] = {}
     starts: dict[str, float] = {}
 
     def sink(c):  # type: ignore[no-untyped-def]
         now = loop.time()
         if c.is_interim:
+            interims[0] += 1
             firsts.setdefault(c.message_id, now)
         elif c.text:
             finals[c.message_id] = (c.participant_id, now)
@@ -175,6 +177,9 @@ async def bench_latency(tmp: Path, speakers: int, rounds: int) -> dict[str, floa
         "first_p50": pct(lat_first, 50),
         "first_p95": pct(lat_first, 95),
         "cpu_pct": 100 * cpu / duration,
+        "cpu_s": cpu,
+        "duration_s": duration,
+        "interims": interims[0],
         "rss_mb": rss_mb(),
     }
 

@@ -245,3 +245,43 @@ async def test_close_resolves_the_future_of_the_job_in_flight(
     g.release.set()
     await asyncio.wait({running}, timeout=0.5)
     assert running.done()
+
+
+async def test_interim_spacing_widens_under_backlog_and_narrows_back(
+    gate: Callable[[], Gate],
+) -> None:
+    """With every worker busy and interims of many speakers waiting, the
+    streams are asked for fewer interims; once a worker is to spare again,
+    the spacing comes back to 1 (an interim per step)."""
+    sched = Scheduler(1, interim_max_wait=TIMEOUT)
+    try:
+        assert sched.interim_spacing == 1.0
+        g = gate()
+        busy = sched.submit_final(g)
+        await g.wait_started()
+        log: list[str] = []
+        futs = [sched.submit_interim(k, recorder(log, k)) for k in "abcdef"]
+        g.release.set()
+        await settle(busy, *futs)
+        widest = sched.interim_spacing
+        assert widest > 1.5  # picked while the others still waited
+        for i in range(20):  # one speaker at a time: a worker to spare
+            assert await settle(sched.submit_interim("a", lambda i=i: i)) == [i]
+        assert sched.interim_spacing == 1.0
+    finally:
+        await sched.close()
+
+
+async def test_fixed_policy_keeps_the_spacing_at_one(gate: Callable[[], Gate]) -> None:
+    sched = Scheduler(1, interim_max_wait=TIMEOUT)
+    sched.adaptive = False
+    try:
+        g = gate()
+        busy = sched.submit_final(g)
+        await g.wait_started()
+        futs = [sched.submit_interim(k, lambda: None) for k in "abcdef"]
+        g.release.set()
+        await settle(busy, *futs)
+        assert sched.interim_spacing == 1.0
+    finally:
+        await sched.close()

@@ -5,6 +5,14 @@ before interims; a stream has at most one interim waiting (a newer request
 replaces it, since only the newest audio matters); interims that waited too
 long are dropped. Under overload the backlog therefore cannot grow beyond
 one interim per stream, and latency stays bounded: finals are never dropped.
+
+Under load interims are also asked for less often: :attr:`Scheduler.interim_spacing`
+is a factor (1 when workers are free, up to ``MAX_SPACING``) by which the
+streams stretch the audio they gather between two interims. It widens each
+time an interim is picked while the backlog fills every worker, or one is
+superseded or dropped as stale, and narrows back when an interim is picked
+with a worker to spare. Counts, not clocks, drive it, so it behaves the same
+on a fast and a slow machine.
 """
 
 from __future__ import annotations
@@ -38,6 +46,13 @@ WORKERS = Gauge("captions_scheduler_workers", "Recognition workers (the most job
 BUSY_SECONDS = Counter(
     "captions_scheduler_busy_seconds_total", "Worker time spent running jobs (capacity used)"
 )
+SPACING = Gauge(
+    "captions_scheduler_interim_spacing",
+    "Factor by which streams stretch the audio between interims (1: no load)",
+)
+MAX_SPACING = 6.0
+WIDEN = 1.5
+NARROW = 0.8
 for _kind in ("final", "interim"):
     for _outcome in ("done", "superseded", "stale", "cancelled", "error"):
         JOBS.labels(_kind, _outcome)  # export zeros: dropped-interim rates work from the start
@@ -57,6 +72,8 @@ class _Job:
 
 
 class Scheduler:
+    adaptive = True  # False: a fixed interim interval (bench/cost.py --policy fixed)
+
     def __init__(self, workers: int, *, interim_max_wait: float = 1.0) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -71,6 +88,8 @@ class Scheduler:
         self._seq = itertools.count()
         self._closed = False
         self._running: set[_Job] = set()
+        self.interim_spacing = 1.0
+        SPACING.set(1.0)
 
     def start(self) -> None:
         if self._tasks:
@@ -116,6 +135,7 @@ class Scheduler:
         if old is not None and not old.future.done():
             old.future.set_exception(Superseded())
             JOBS.labels("interim", "superseded").inc()
+            self._widen()
         job = _Job("interim", fn, self._loop_future(), key=key)
         self._interims[key] = job
         QUEUED.labels("interim").set(len(self._interims))
@@ -139,6 +159,16 @@ class Scheduler:
     def backlog(self) -> tuple[int, int]:
         return len(self._finals), len(self._interims)
 
+    def _widen(self) -> None:
+        if self.adaptive:
+            self.interim_spacing = min(MAX_SPACING, self.interim_spacing * WIDEN)
+            SPACING.set(self.interim_spacing)
+
+    def _narrow(self) -> None:
+        if self.interim_spacing > 1.0:
+            self.interim_spacing = max(1.0, self.interim_spacing * NARROW)
+            SPACING.set(self.interim_spacing)
+
     def _notify(self) -> None:
         if self._wake is not None:
             self._wake.set()
@@ -156,7 +186,14 @@ class Scheduler:
             if now - job.enqueued > self.interim_max_wait:
                 job.future.set_exception(Superseded())
                 JOBS.labels("interim", "stale").inc()
+                self._widen()
                 continue
+            # the picking worker is free; the others run ``_running``
+            waiting = len(self._interims) + len(self._running)
+            if waiting >= self.workers:
+                self._widen()  # every worker stays busy after this one
+            else:
+                self._narrow()  # a worker is left to spare
             return job
         return None
 

@@ -35,6 +35,11 @@ class StreamOptions:
     interim_results: bool = True
     first_interim_ms: int = 400  # speech needed before the first interim
     interim_step_ms: int = 400  # new audio needed between interims
+    # an interim's decode may take at most this share of the speaker's time:
+    # after one that took d seconds the next waits for d / interim_duty
+    # seconds of new audio (counted from the audio the last one decoded).
+    # Before, interims ran back to back (1.3 cores for one speaker); 0: off
+    interim_duty: float = 0.5
     # words of this speaker's previous finals given to the recogniser as the
     # prompt (context across utterances); 0: none. Off by default: with
     # tiny.en it gained 4-5 WER points on narrow-band conversation but lost
@@ -50,6 +55,7 @@ class _Utterance:
         self.onset = len(audio)  # samples of pre-roll before speech was detected
         self.stable = StablePrefix()
         self.last_interim_len = 0
+        self.last_interim_took = 0.0  # seconds the last interim decode took
         self.interim_task: asyncio.Task[None] | None = None
         self.last_interim_text = ""
         self.interims_sent = 0
@@ -198,15 +204,31 @@ class DecodingStream:
             return
         if u.length - u.onset < o.first_interim_ms * SR // 1000:
             return
-        if u.length - u.last_interim_len < o.interim_step_ms * SR // 1000:
+        if u.length - u.last_interim_len < self._interim_gap(u):
             return
         u.interim_task = self._spawn(self._interim(u))
+
+    def _interim_gap(self, u: _Utterance) -> int:
+        """Samples of new audio the next interim of ``u`` waits for."""
+        o = self.options
+        step = o.interim_step_ms * SR // 1000
+        if u.last_interim_len == 0:
+            return step  # the first interim: as early as the step allows
+        # under load the scheduler asks every stream for fewer interims
+        sched = getattr(self.recognizer, "scheduler", None)
+        spacing = float(getattr(sched, "interim_spacing", 1.0))
+        gap = step * max(1.0, spacing)
+        if o.interim_duty > 0:
+            gap = max(gap, u.last_interim_took / o.interim_duty * SR)
+        return int(gap)
 
     async def _interim(self, u: _Utterance) -> None:
         n = u.length
         u.last_interim_len = n
+        t0 = asyncio.get_running_loop().time()
         try:
             result = await self._decode(u, "interim", u.snapshot(n))
+            u.last_interim_took = asyncio.get_running_loop().time() - t0
         except (Superseded, asyncio.CancelledError):
             return
         except ProviderError as e:
