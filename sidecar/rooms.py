@@ -30,12 +30,14 @@ The choice sticks to an utterance (its ``message_id``) while its carrier can
 still send, so an utterance's interims and final arrive the same way.
 
 The parts: :mod:`sidecar.room_model` (the room's data), this module's
-:class:`RoomManager` (which rooms exist, switching on and off, settings,
-roster, background checks; it publishes every change as a typed event of
-:mod:`sidecar.room_events`), :mod:`sidecar.room_speakers` (audio in, one
-pipeline per speaker), :mod:`sidecar.room_captions` (captions out: the
-transcript, the event bus, the carriers) and :mod:`sidecar.room_session`
-(the handle an ingest adapter holds on a room).
+:class:`RoomManager` (which rooms exist, switching on and off, settings;
+it publishes every change as a typed event of :mod:`sidecar.room_events`),
+:mod:`sidecar.room_capacity` (places under ``max_rooms``, rooms that hold
+nothing), :mod:`sidecar.room_roster` (rosters, the SSRC map, auto-start),
+:mod:`sidecar.room_speakers` (audio in, one pipeline per speaker),
+:mod:`sidecar.room_captions` (captions out: the transcript, the event bus,
+the carriers), :mod:`sidecar.room_watch` (the background checks) and
+:mod:`sidecar.room_session` (the handle an ingest adapter holds on a room).
 """
 
 from __future__ import annotations
