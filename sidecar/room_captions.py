@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from sidecar.asr.base import Hypothesis
+from sidecar.asr.base import Hypothesis, ProviderError
+from sidecar.asr.provider import error_kind
 from sidecar.errors import clip
 from sidecar.events import Caption, TranscriptEntry
 from sidecar.pipeline.speaker import SpeakerPipeline
-from sidecar.room_events import CaptionPublished, RoomEvent, SessionFailed
+from sidecar.room_events import CaptionPublished, RoomEvent, SessionFailed, TranscriptReady
 from sidecar.room_model import Room
-from sidecar.store.base import TranscriptWriter
+from sidecar.store.base import StoreError, TranscriptWriter
 
 if TYPE_CHECKING:
     from sidecar.rooms import RoomManager
@@ -60,6 +61,12 @@ CARRIED = Counter(
     "captions_carried_total",
     "Captions sent to the participants, by carrier (each on exactly one)",
     ["carrier"],
+)
+
+RECOGNIZER_FAILURES = Counter(
+    "captions_room_recognition_failures_total",
+    "Utterances a room's recogniser (all of a chain) failed on, by kind",
+    ["kind"],
 )
 
 
@@ -150,6 +157,73 @@ class CaptionOutput:
             dropped = len(r.unwritten) - UNWRITTEN_MAX
             del r.unwritten[:dropped]
             log.error("room %s: %d finals lost: the transcript cannot be written", r.name, dropped)
+
+    async def close_transcript(self, r: Room, writer: TranscriptWriter) -> TranscriptReady | None:
+        """Finish the transcript of a room switched off; its ready event if it was saved."""
+        ready: TranscriptReady | None = None
+        async with r.write_lock:
+            await self.write_unwritten(r, writer)
+            lost = len(r.unwritten)
+            r.unwritten.clear()
+            try:
+                # finals it could not take make it incomplete
+                meta = await asyncio.to_thread(writer.close, lost == 0)
+            except (StoreError, OSError) as e:
+                self.transcript_failed(r, "close", e)
+                self.m._emit(
+                    SessionFailed(
+                        room=r.name,
+                        kind="transcription",
+                        cause="store_close",
+                        message=clip(str(e), 500),
+                        transcript_id=writer.id,
+                    )
+                )
+                log.warning(
+                    "room %s: transcript %s could not be finished (%s); what it "
+                    "holds stays on disk and is finished at the next start",
+                    r.name,
+                    writer.id,
+                    clip(str(e), 200),
+                )
+            else:
+                log.info(
+                    "room %s: transcript %s saved (%d entries)",
+                    r.name,
+                    meta.id,
+                    meta.entries,
+                )
+                link = self.m.transcript_link(meta.id) if self.m.transcript_link else ""
+                ready = TranscriptReady(room=r.name, meta=meta, url=link)
+            if lost:
+                log.error(
+                    "room %s: %d finals could not be written to transcript %s",
+                    r.name,
+                    lost,
+                    writer.id,
+                )
+        return ready
+
+    def recognizer_failed(self, r: Room, pid: str, utt: str, err: ProviderError) -> None:
+        """The room's recogniser failed on an utterance (a chain: all of it)."""
+        RECOGNIZER_FAILURES.labels(error_kind(err)).inc()
+        first = "recognizer" not in r.warnings
+        r.warnings["recognizer"] = f"recognition failed for {pid}: {err}"
+        log.warning(
+            "room %s: recognition failed for %s (utterance %s): %s", r.name, pid, utt or "-", err
+        )
+        if first:
+            self.m._notify(r, "recognizer")
+            # said once until captions flow again
+            self.m._emit(
+                SessionFailed(
+                    room=r.name,
+                    kind="captions" if r.captioning else "transcription",
+                    cause="recognizer",
+                    message=clip(str(err), 500),
+                    transcript_id=r.transcript_id,
+                )
+            )
 
     def transcript_failed(
         self, r: Room, op: str, e: BaseException, *, transcript_id: str = ""

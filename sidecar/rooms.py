@@ -30,12 +30,14 @@ The choice sticks to an utterance (its ``message_id``) while its carrier can
 still send, so an utterance's interims and final arrive the same way.
 
 The parts: :mod:`sidecar.room_model` (the room's data), this module's
-:class:`RoomManager` (which rooms exist, switching on and off, settings,
-roster, background checks; it publishes every change as a typed event of
-:mod:`sidecar.room_events`), :mod:`sidecar.room_speakers` (audio in, one
-pipeline per speaker), :mod:`sidecar.room_captions` (captions out: the
-transcript, the event bus, the carriers) and :mod:`sidecar.room_session`
-(the handle an ingest adapter holds on a room).
+:class:`RoomManager` (which rooms exist, switching on and off, settings;
+it publishes every change as a typed event of :mod:`sidecar.room_events`),
+:mod:`sidecar.room_capacity` (places under ``max_rooms``, rooms that hold
+nothing), :mod:`sidecar.room_roster` (rosters, the SSRC map, auto-start),
+:mod:`sidecar.room_speakers` (audio in, one pipeline per speaker),
+:mod:`sidecar.room_captions` (captions out: the transcript, the event bus,
+the carriers), :mod:`sidecar.room_watch` (the background checks) and
+:mod:`sidecar.room_session` (the handle an ingest adapter holds on a room).
 """
 
 from __future__ import annotations
@@ -46,10 +48,10 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Gauge
 
-from sidecar.asr.base import Hypothesis, ProviderError, Recognizer
-from sidecar.asr.provider import StreamProvider, StreamSettings, error_kind
+from sidecar.asr.base import ProviderError, Recognizer
+from sidecar.asr.provider import StreamProvider, StreamSettings
 from sidecar.asr.whisper_provider import WhisperProvider
 from sidecar.config import (
     EffectiveSettings,
@@ -64,15 +66,14 @@ from sidecar.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
-    ServiceError,
     Unavailable,
     clip,
-    shown,
 )
 from sidecar.events import Caption, Frame
 from sidecar.pipeline.segmenter import SegmenterConfig
-from sidecar.pipeline.speaker import GateConfig, SpeakerPipeline
+from sidecar.pipeline.speaker import GateConfig
 from sidecar.pipeline.vad import SileroVad
+from sidecar.room_capacity import RoomPlacement
 from sidecar.room_captions import TRANSCRIPTS_FAILING, CaptionOutput
 from sidecar.room_events import (
     EventBus,
@@ -95,10 +96,11 @@ from sidecar.room_model import (
     canonical_room,
     valid_participant,
 )
+from sidecar.room_roster import Roster
 from sidecar.room_session import IngestSession
 from sidecar.room_speakers import DRAIN_TIMEOUT, SpeakerPool
 from sidecar.room_watch import RoomWatch
-from sidecar.store.base import StoreError, TranscriptStore, TranscriptWriter
+from sidecar.store.base import StoreError, TranscriptStore
 
 __all__ = [
     "CARRIERS",
@@ -117,11 +119,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ROOMS_ACTIVE = Gauge("captions_rooms_active", "Rooms with captions or transcription on")
-RECOGNIZER_FAILURES = Counter(
-    "captions_room_recognition_failures_total",
-    "Utterances a room's recogniser (all of a chain) failed on, by kind",
-    ["kind"],
-)
 
 
 class RoomManager:
@@ -153,6 +150,8 @@ class RoomManager:
         self.pipelines = SpeakerPool(self)  # audio in
         self.captions = CaptionOutput(self)  # captions out
         self.watch = RoomWatch(self)  # the ticker: idle speakers, gone sources, no audio
+        self.placement = RoomPlacement(self)  # places under max_rooms
+        self.roster = Roster(self)  # who is in a room, SSRC -> speaker
         self.events.add_listener("grpc_subscriptions", self.captions.to_subscribers)
         # the signed link of a transcript, for TranscriptReady; None: no links
         self.transcript_link = transcript_link
@@ -240,80 +239,12 @@ class RoomManager:
         except KeyError:
             raise NotFound(f"room {name!r} is not known to this sidecar") from None
 
+    # -- places under max_rooms (sidecar.room_capacity) ----------------------
     def _room(self, room: str, create: bool = True, *, for_start: bool = False) -> Room:
-        name = canonical_room(room)
-        r = self.rooms.get(name)
-        if r is None:
-            if not create:
-                raise NotFound(f"room {name!r} is not known to this sidecar")
-            # a start is bounded by max_rooms when it switches the room on
-            if not for_start and len(self.rooms) >= self.max_rooms + self.max_idle_rooms:
-                raise ResourceExhausted(
-                    f"this sidecar knows {len(self.rooms)} rooms already; start one first"
-                )
-            r = Room(name=name, effective=self.defaults)
-            self.rooms[name] = r
-        return r
+        return self.placement.room(room, create, for_start=for_start)
 
     def _forget_if_empty(self, r: Room, *, keep_error: bool = False) -> None:
-        """A room that holds nothing (a refused start, a last subscriber gone) goes.
-
-        ``keep_error``: one whose transcript failed stays a while, so the
-        start of its captions that follows shows why (the ticker clears it).
-        """
-        if r.lock.locked() or self.rooms.get(r.name) is not r:
-            return
-        if keep_error and r.transcript_error:
-            return
-        if not (r.active or r.subscribers or r.roster_known or r.room_settings.set_fields()):
-            del self.rooms[r.name]
-            if r.transcript_error:
-                TRANSCRIPTS_FAILING.set(sum(1 for x in self.rooms.values() if x.transcript_error))
-
-    async def _make_place(self, r: Room, requested_by: str) -> None:
-        """A room about to go on needs a place under ``max_rooms``.
-
-        Ingest sockets (the videobridge, Jigasi) may fill all but
-        ``reserved_rooms`` places. When none is free, a provisional room
-        that never had audio and whose socket is gone is ended to make one;
-        for a control API start, one whose socket is still open too (its
-        bridge gets nothing more, as if its session had ended), and then
-        one whose socket is gone, even if it had audio.
-        """
-        # a room on, or going on (its start waits for its transcript file)
-        on = [x for x in self.rooms.values() if x is not r and (x.active or x.lock.locked())]
-        ingest = requested_by in INGEST_SOURCES
-        full = len(on) >= self.max_rooms
-        if ingest and not full:
-            full = sum(1 for x in on if x.provisional) >= self.max_rooms - self.reserved_rooms
-        if not full:
-            return
-        spare = [x for x in on if x.active and x.provisional and not x.lock.locked()]
-        victims = sorted(
-            (x for x in spare if not x.audio_seen and (not ingest or x.ingest_connections == 0)),
-            key=lambda x: (x.ingest_connections, x.ingest_seen),
-        )
-        if not victims and not ingest:
-            # then one whose socket is gone, the longest silent first
-            victims = sorted(
-                (x for x in spare if x.ingest_connections == 0),
-                key=lambda x: max(
-                    (sp.last_arrival for sp in x.speakers.values()), default=x.last_audio
-                ),
-            )
-        if not victims:
-            what = "rooms started by the videobridge or Jigasi" if ingest else "rooms"
-            raise ResourceExhausted(
-                f"this sidecar serves at most {self.max_rooms} rooms"
-                + (f" ({self.max_rooms - self.reserved_rooms} {what})" if ingest else "")
-            )
-        victim = victims[0]
-        log.warning(
-            "room %s: ended to make a place for room %s (it never had audio)",
-            victim.name,
-            r.name,
-        )
-        await self._end_quietly(victim.name)
+        self.placement.forget_if_empty(r, keep_error=keep_error)
 
     def _resolve(self, room: Room, start: RoomSettings | None = None) -> EffectiveSettings:
         try:
@@ -404,7 +335,7 @@ class RoomManager:
         was_active = r.active
         if not was_active:
             r.source = requested_by  # counted from now on, by whom it is for
-            await self._make_place(r, requested_by)
+            await self.placement.make_place(r, requested_by)
         if requested_by not in INGEST_SOURCES:
             r.claimed = True
         if meeting_id:
@@ -433,7 +364,7 @@ class RoomManager:
             except (StoreError, OSError) as e:
                 # captions need no disk: the caller (or the ingest's fallback)
                 # still gets them, and the room's status says what is wrong
-                self._transcript_failed(r, "open", e)
+                self.captions.transcript_failed(r, "open", e)
                 self._emit(
                     SessionFailed(
                         room=r.name,
@@ -446,7 +377,7 @@ class RoomManager:
                     f"the transcript of room {r.name} cannot be written ({clip(str(e), 200)}); "
                     "captions work without it"
                 ) from e
-            self._transcript_ok(r)
+            self.captions.transcript_ok(r)
             r.transcribing = switched_on = True
             log.info("room %s: transcription on (%s) -> %s", r.name, requested_by, r.writer.id)
         elif kind == "captions" and not r.captioning:
@@ -502,47 +433,7 @@ class RoomManager:
             writer, r.writer = r.writer, None
             if writer is not None:
                 transcript_id = writer.id
-                async with r.write_lock:
-                    await self._write_unwritten(r, writer)
-                    lost = len(r.unwritten)
-                    r.unwritten.clear()
-                    try:
-                        # finals it could not take make it incomplete
-                        meta = await asyncio.to_thread(writer.close, lost == 0)
-                    except (StoreError, OSError) as e:
-                        self._transcript_failed(r, "close", e)
-                        self._emit(
-                            SessionFailed(
-                                room=r.name,
-                                kind="transcription",
-                                cause="store_close",
-                                message=clip(str(e), 500),
-                                transcript_id=writer.id,
-                            )
-                        )
-                        log.warning(
-                            "room %s: transcript %s could not be finished (%s); what it "
-                            "holds stays on disk and is finished at the next start",
-                            r.name,
-                            writer.id,
-                            clip(str(e), 200),
-                        )
-                    else:
-                        log.info(
-                            "room %s: transcript %s saved (%d entries)",
-                            r.name,
-                            meta.id,
-                            meta.entries,
-                        )
-                        link = self.transcript_link(meta.id) if self.transcript_link else ""
-                        ready = TranscriptReady(room=r.name, meta=meta, url=link)
-                    if lost:
-                        log.error(
-                            "room %s: %d finals could not be written to transcript %s",
-                            r.name,
-                            lost,
-                            writer.id,
-                        )
+                ready = await self.captions.close_transcript(r, writer)
         else:
             r.captioning = False
         if not r.active:
@@ -565,9 +456,6 @@ class RoomManager:
         """A participant's audio source ended: its open utterance gets its final."""
         await self.pipelines.finish_speaker(room, pid)
 
-    def _new_speaker(self, r: Room, pid: str) -> SpeakerPipeline:
-        return self.pipelines.new_speaker(r, pid)
-
     async def _drop_speaker(self, r: Room, pid: str) -> None:
         await self.pipelines.drop_speaker(r, pid)
 
@@ -575,9 +463,6 @@ class RoomManager:
         await self.pipelines.finish_all(r)
 
     # -- captions out (sidecar.room_captions) -------------------------------------------
-    def _on_hypothesis(self, r: Room, sp: SpeakerPipeline, h: Hypothesis) -> None:
-        self.captions.on_hypothesis(r, sp, h)
-
     async def _persist_and_publish(self, r: Room, cap: Caption) -> None:
         await self.captions.persist_and_publish(r, cap)
 
@@ -598,8 +483,7 @@ class RoomManager:
             del self.rooms[r.name]
         if r.transcript_error:
             TRANSCRIPTS_FAILING.set(sum(1 for x in self.rooms.values() if x.transcript_error))
-        for ssrc in [k for k, v in self.ssrcs.items() if v[0] == r.name]:
-            del self.ssrcs[ssrc]
+        self.roster.forget_room(r.name)
         if r.meeting_id and self.meetings.get(r.meeting_id) == r.name:
             del self.meetings[r.meeting_id]
         self._notify(r, "end")
@@ -614,7 +498,7 @@ class RoomManager:
             raise InvalidArgument(e.field, e.message) from e
         r.room_settings = r.room_settings.merged(validated)
         self._apply(r, self._resolve(r))
-        await self._auto_start(r)
+        await self.roster.auto_start(r)
         return r
 
     def _apply(self, r: Room, eff: EffectiveSettings) -> None:
@@ -643,6 +527,7 @@ class RoomManager:
             silence_ms=eff.silence_duration_ms, max_speech_ms=eff.max_speech_caption_ms
         )
 
+    # -- the roster and SSRC map (sidecar.room_roster) -------------------------
     async def update_roster(
         self,
         room: str,
@@ -651,101 +536,11 @@ class RoomManager:
         replace: bool = False,
         left: list[str] | None = None,
     ) -> Room:
-        r = self._room(room)
-        try:
-            self._check_roster(r, participants)
-        except ServiceError:
-            self._forget_if_empty(r)
-            raise
-        if replace:
-            gone = set(r.roster) - {p.id for p in participants}
-            r.roster = {}
-        else:
-            gone = set()
-        for p in participants:
-            r.roster[p.id] = Participant(p.id, p.name[:256], p.avatar_url[:2048], p.ssrcs[:16])
-            for ssrc in p.ssrcs[:16]:
-                self.ssrcs[ssrc] = (r.name, p.id)
-        for pid in left or []:
-            r.roster.pop(pid, None)
-            gone.add(pid)
-        for ssrc in [k for k, v in self.ssrcs.items() if v[0] == r.name and v[1] in gone]:
-            del self.ssrcs[ssrc]
-        r.roster_known = True
-        for pid in gone:
-            await self._drop_speaker(r, pid)
-        await self._auto_start(r)
-        return r
-
-    def _check_roster(self, r: Room, participants: list[Participant]) -> None:
-        """Refuse the whole update, before any change, when it is not valid.
-
-        An SSRC already mapped in another live room is refused: plain RTP is
-        routed by SSRC alone, so taking it over would send that room's
-        speech into this one's captions and transcript. (Within one room a
-        newer mapping replaces the older: a participant who rejoined.)
-        """
-        for p in participants:
-            if not valid_participant(p.id):
-                raise InvalidArgument(
-                    "participants.id",
-                    f"{shown(p.id)} is not an endpoint id ([A-Za-z0-9._~-]{{1,64}})",
-                )
-            for ssrc in p.ssrcs[:16]:
-                owner = self.ssrcs.get(ssrc)
-                if owner is not None and owner[0] != r.name and owner[0] in self.rooms:
-                    raise FailedPrecondition(
-                        f"participants.ssrcs: SSRC {ssrc} of participant {p.id} is mapped "
-                        "in another room; one SSRC feeds one room (end that room or send "
-                        "its roster without it first)"
-                    )
-
-    async def _auto_start(self, r: Room) -> None:
-        eff = r.effective
-        n = len(r.roster)
-        for kind, mode in (
-            ("transcription", eff.transcription_mode),
-            ("captions", eff.captions_mode),
-        ):
-            on = r.transcribing if kind == "transcription" else r.captioning
-            if on or mode != Mode.AUTO_ON or eff.trigger == Trigger.MANUAL:
-                continue
-            need = 2 if eff.trigger == Trigger.AUTOMATIC_2ND_PARTICIPANT else 1
-            if n >= need:
-                await self.start(
-                    r.name, kind, r.start_settings, trigger=eff.trigger, requested_by="auto"
-                )
+        return await self.roster.update(room, participants, replace=replace, left=left)
 
     # -- recognition failures -------------------------------------------------
     def _on_recognizer_error(self, r: Room, pid: str, utt: str, err: ProviderError) -> None:
-        """The room's recogniser failed on an utterance (a chain: all of it)."""
-        RECOGNIZER_FAILURES.labels(error_kind(err)).inc()
-        first = "recognizer" not in r.warnings
-        r.warnings["recognizer"] = f"recognition failed for {pid}: {err}"
-        log.warning(
-            "room %s: recognition failed for %s (utterance %s): %s", r.name, pid, utt or "-", err
-        )
-        if first:
-            self._notify(r, "recognizer")
-            # said once until captions flow again
-            self._emit(
-                SessionFailed(
-                    room=r.name,
-                    kind="captions" if r.captioning else "transcription",
-                    cause="recognizer",
-                    message=clip(str(err), 500),
-                    transcript_id=r.transcript_id,
-                )
-            )
-
-    def _transcript_failed(self, r: Room, op: str, e: BaseException) -> None:
-        self.captions.transcript_failed(r, op, e)
-
-    def _transcript_ok(self, r: Room) -> None:
-        self.captions.transcript_ok(r)
-
-    async def _write_unwritten(self, r: Room, writer: TranscriptWriter) -> None:
-        await self.captions.write_unwritten(r, writer)
+        self.captions.recognizer_failed(r, pid, utt, err)
 
     # -- subscriptions ------------------------------------------------------
     def subscribe(self, room: str, include_interims: bool) -> Subscriber:
