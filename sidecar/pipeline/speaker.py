@@ -68,6 +68,16 @@ AUDIO_IN = Counter(
 _AUDIO_IN: dict[str, BatchedCounter] = {}
 
 
+def _provider_name(stream: object) -> str:
+    """The provider label the recogniser's own metrics use, whatever the stream
+    (a provider stream, its Whisper wrapper, or a bare DecodingStream)."""
+    for owner in (stream, getattr(stream, "provider", None), getattr(stream, "recognizer", None)):
+        name = getattr(owner, "name", None) if owner is not None else None
+        if isinstance(name, str) and name:
+            return name
+    return "none"
+
+
 def _audio_in(provider: str) -> BatchedCounter:
     c = _AUDIO_IN.get(provider)
     if c is None:
@@ -149,7 +159,7 @@ class SpeakerPipeline:
         self._resumed = False  # the frame being played is the first after that
         self._next_ts: int | None = None  # RTP timestamp the next Opus frame should have
         self._last_seq: int | None = None  # sequence of the last Opus frame played
-        self._audio_in = _audio_in(getattr(getattr(stream, "recognizer", None), "name", "none"))
+        self._audio_in = _audio_in(_provider_name(stream))
 
     # -- time --------------------------------------------------------------
     def sample_to_epoch_ms(self, sample: int) -> int:
