@@ -168,10 +168,8 @@ class FailoverStream(RecognitionStream):
         on_result: ResultCallback,
         on_error: ErrorCallback | None,
     ) -> None:
+        super().__init__(settings, on_result, on_error)
         self.chain = chain
-        self.settings = settings
-        self.on_result = on_result
-        self.on_error = on_error
         self._main: dict[int, RecognitionStream] = {}
         self._utts: dict[str, _Utt] = {}
         self._open: _Utt | None = None

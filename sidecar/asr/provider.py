@@ -205,6 +205,16 @@ ErrorCallback = Callable[[str, ProviderError], None]
 class RecognitionStream(ABC):
     """The recognition of one speaker; see the module docstring for the protocol."""
 
+    def __init__(
+        self,
+        settings: StreamSettings,
+        on_result: ResultCallback,
+        on_error: ErrorCallback | None,
+    ) -> None:
+        self.settings = settings
+        self.on_result = on_result
+        self.on_error = on_error
+
     @abstractmethod
     def begin(self, utt_id: str, audio: np.ndarray) -> None:
         """An utterance starts with ``audio`` (16 kHz mono float32 pre-roll)."""
@@ -447,10 +457,8 @@ class TurnStream(RecognitionStream):
         on_result: ResultCallback,
         on_error: ErrorCallback | None,
     ) -> None:
+        super().__init__(settings, on_result, on_error)
         self.provider = provider
-        self.settings = settings
-        self.on_result = on_result
-        self.on_error = on_error
         self.turn: Turn | None = None
         self._ending: deque[Turn] = deque()  # ended, final not yet delivered
         self._prev_tail = np.zeros(0, np.float32)  # audio past the last keep

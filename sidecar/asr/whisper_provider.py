@@ -79,10 +79,8 @@ class WhisperStream(RecognitionStream):
         on_result: ResultCallback,
         on_error: ErrorCallback | None,
     ) -> None:
+        super().__init__(settings, on_result, on_error)
         self.provider = provider
-        self.settings = settings
-        self.on_result = on_result
-        self.on_error = on_error
         self.inner = DecodingStream(
             provider.recognizer,
             language=settings.language,
