@@ -28,6 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sidecar.durable import write_atomic
+
 __all__ = ["Outbox", "OutboxRecord"]
 
 log = logging.getLogger(__name__)
@@ -59,14 +61,6 @@ class OutboxRecord:
             "body": self.body,
         }
         return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Outbox:
@@ -163,18 +157,8 @@ class Outbox:
                 self._compact()
 
     def _compact(self) -> None:
-        tmp = self.directory / f".{_FILE}.tmp"
         data = b"".join(r.to_line() for r in self._pending.values())
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        _fsync_dir(self.directory)
+        write_atomic(self.path, data, mode=0o600)
         os.close(self._fd)
         self._fd = self._open()
         self._done = 0

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from prometheus_client import Counter, Histogram
 
+from sidecar.durable import fsync_dir, write_atomic
 from sidecar.events import TranscriptEntry
 from sidecar.store.base import (
     FORMATS,
@@ -87,35 +88,6 @@ def _room_slug(room: str) -> str:
     folded = unicodedata.normalize("NFKD", local).encode("ascii", "ignore").decode("ascii")
     slug = re.sub(r"[^a-z0-9]+", "-", folded.lower()).strip("-")
     return slug[:40].rstrip("-") or "room"
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or file creation inside ``path`` survive a power cut."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so readers see the old or the new file, never a mix."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _os_reason(exc: OSError) -> str:
@@ -296,11 +268,11 @@ def _finish(directory: Path, meta: TranscriptMeta, entries: list[TranscriptEntry
             # get() retries rendering on demand.
             log.exception("transcript %s: could not render %s", meta.id, fmt)
             continue
-        _write_atomic(directory / f"transcript.{fmt}", text.encode("utf-8"))
+        write_atomic(directory / f"transcript.{fmt}", text.encode("utf-8"))
         formats.append(fmt)
     meta.entries = len(entries)
     meta.formats = formats
-    _write_atomic(directory / _META, _meta_bytes(meta))
+    write_atomic(directory / _META, _meta_bytes(meta))
 
 
 # --- the writer ---------------------------------------------------------------------------
@@ -508,7 +480,7 @@ class LocalDirStore(TranscriptStore):
                     complete=False,
                     formats=["jsonl"],
                 )
-                _write_atomic(staging / _META, _meta_bytes(meta))
+                write_atomic(staging / _META, _meta_bytes(meta))
                 try:
                     # rename() refuses a non-empty target, so a racing twin cannot be clobbered.
                     os.rename(staging, final)
@@ -519,7 +491,7 @@ class LocalDirStore(TranscriptStore):
                     fd = None
                     shutil.rmtree(staging, ignore_errors=True)
                     continue
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             except BaseException:
                 if fd is not None:
                     os.close(fd)
@@ -593,7 +565,7 @@ class LocalDirStore(TranscriptStore):
             os.rename(directory, trash)
         except FileNotFoundError:
             return False
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
         if trash.exists():
             log.warning("could not remove %s completely; recover() will retry", trash)
